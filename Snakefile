@@ -1,0 +1,20 @@
+# ARQ reproduction pipeline. Thin by design: configuration, validation, rule files, and the final target.
+# Run `snakemake --cores all` (paper protocol) or add `--configfile config/smoke.yaml` (CPU minutes).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/certify.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,

@@ -1,0 +1,5 @@
+import sys
+
+from arq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Up-front cost estimate of a profile on the current machine, from measured throughput anchors.
+
+Anchors (DESIGN §6, ResNet-20): one H100 trains ~21,700 img/s and infers ~234,000 noisy samples/s in plain
+fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale with the threads used.
+"""
+from __future__ import annotations
+
+ANCHORS = {  # images (or noisy samples) per second for ResNet-20
+    "cuda": {"train": 21_700.0, "infer": 234_000.0},
+    "cpu_per_2_threads": {"train": 370.0, "infer": 900.0},
+}
+
+
+def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
+    """Seconds for the whole FP32 arm of ``config`` (train, per-epoch noisy val, certify) on a device type."""
+    if device_type == "cuda":
+        rate = ANCHORS["cuda"]
+    else:
+        scale = max(threads, 1) / 2
+        rate = {k: v * scale for k, v in ANCHORS["cpu_per_2_threads"].items()}
+    sizes = {"train": 50_000 - config["data"]["val_size"], "val": config["data"]["val_size"],
+             "cert": -(-10_000 // config["data"]["cert_skip"])}
+    t, c = config["train"], config["certify"]
+    train_imgs = min(t["train_images"] or sizes["train"], sizes["train"])
+    val_imgs = min(t["val_images"] or sizes["val"], sizes["val"])
+    cert_imgs = min(c["max_images"] or sizes["cert"], sizes["cert"])
+    k = len(config["sigmas"])
+    train = k * t["epochs"] * (train_imgs / rate["train"] + val_imgs / rate["infer"])
+    certify = k * cert_imgs * (c["n0"] + c["n"]) / rate["infer"]
+    return {"train": train, "certify": certify, "total": train + certify + 30.0}
+
+
+def _human(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(config: dict, device_type: str, threads: int) -> str:
+    here = estimate_seconds(config, device_type, threads)
+    where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} threads)"
+    text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} for the FP32 arm "
+            f"(training {_human(here['train'])}, certification {_human(here['certify'])})")
+    if device_type != "cuda":
+        gpu = estimate_seconds(config, "cuda")
+        text += f"; about {_human(gpu['total'])} on one H100-class GPU"
+    return text

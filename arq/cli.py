@@ -1,0 +1,121 @@
+"""Command-line interface: one subcommand per pipeline stage. Argument parsing only; the work is in the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(config: dict) -> torch.device:
+    want = config["device"]
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("config device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    if data:
+        p.add_argument("--data", required=True, help="prepared tensor file from `arq prepare`")
+        p.add_argument("--manifest", required=True, help="its manifest JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a profile and print its hash")
+    p.add_argument("config")
+
+    p = sub.add_parser("prepare", help="verify CIFAR-10 and write the prepared tensor file + manifest")
+    _common(p, data=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--manifest-out", required=True)
+
+    p = sub.add_parser("train", help="noise-augmented training of the base model at one σ (resumable)")
+    _common(p)
+    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--out", required=True, help="final checkpoint")
+    p.add_argument("--metrics", required=True, help="summary JSON")
+    p.add_argument("--log-csv", required=True, help="per-epoch CSV")
+    p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
+
+    p = sub.add_parser("certify", help="Cohen CERTIFY on the certification subset")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="TSV in Cohen's format")
+    p.add_argument("--summary", required=True, help="JSON summary")
+    p.add_argument("--method", default="fp32")
+
+    p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=None, help="samples per image (default: certify.n)")
+    p.add_argument("--alpha", type=float, default=None, help="test level (default: certify.alpha)")
+
+    p = sub.add_parser("report", help="table (Markdown + CSV) and certified-accuracy figure (PNG + PDF)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--summaries", nargs="+", required=True)
+    p.add_argument("--tsvs", nargs="+", required=True, help="TSVs in the same order as --summaries")
+    p.add_argument("--table-md", required=True)
+    p.add_argument("--table-csv", required=True)
+    p.add_argument("--figure", nargs=2, required=True, metavar=("PNG", "PDF"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from arq import config as cfg
+    from arq.data import DataError, load_prepared
+    from arq.models import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = cfg.load(args.config)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        if args.command == "check-config":
+            print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
+            return 0
+        if args.command == "prepare":
+            from arq.data import prepare
+
+            m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2)
+            print(f"prepared {m['sizes']} from {m['source']['path']} → {args.out}")
+            return 0
+        if args.command == "report":
+            from arq import report
+
+            df = report.run(config, args.summaries, args.tsvs, args.table_md, args.table_csv, *args.figure)
+            print(df.to_string(index=False))
+            return 0
+        data = load_prepared(args.data, args.manifest)
+        device = _device(config)
+        if args.command == "train":
+            from arq.train import train
+
+            train(config, args.sigma, data, args.out, args.resume or str(Path(args.out).with_suffix(".resume.pt")),
+                  args.log_csv, args.metrics, device, log=lambda s: print(s, flush=True))
+        elif args.command == "certify":
+            from arq.smoothing import run_certify
+
+            s = run_certify(config, args.model, data, args.out, args.summary, device, args.method)
+            print(f"σ={s['sigma']}: clean {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  abstain {s['abstain_rate']:.3f}  "
+                  f"{s['samples_per_s']:.0f} samples/s")
+        elif args.command == "predict":
+            from arq.smoothing import run_predict
+
+            rows = run_predict(config, args.model, data, args.out, args.n or config["certify"]["n"],
+                               args.alpha or config["certify"]["alpha"], device)
+            print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
+        return 0
+    except (cfg.ConfigError, DataError, CheckpointError) as exc:
+        print(f"arq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Profile configuration: load, validate against the one schema, hash.
+
+The schema (workflow/schemas/config.schema.yaml) is the single definition of every knob; the CLI and the
+Snakefile both validate through it, so an invalid value fails the same way everywhere, naming the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending key."""
+
+
+def load_schema() -> dict:
+    if not SCHEMA_PATH.exists():
+        raise ConfigError(f"config schema not found at {SCHEMA_PATH}; arq must run from a checkout of the repository "
+                          "(pip install -e .)")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate(config: dict) -> dict:
+    """Raise ConfigError naming the first offending key; return the config unchanged otherwise."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e)))
+    if errors:
+        lines = [f"  {_key(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    milestones = config["train"]["lr_milestones"]
+    if milestones != sorted(milestones):
+        raise ConfigError("invalid configuration:\n  train.lr_milestones: must be increasing")
+    return config
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return validate(config)
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of the full configuration (key order does not matter)."""
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def sigma_tag(sigma: float) -> str:
+    """Canonical text for σ in paths and tables (0.25, 0.5, 1.0)."""
+    return repr(float(sigma))

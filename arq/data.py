@@ -1,0 +1,253 @@
+"""CIFAR-10 from either real source into one verified uint8 tensor file plus a manifest.
+
+Two sources (DESIGN §4): torchvision's ``cifar-10-batches-py`` (md5 of every file checked against
+torchvision's published sums) and a class-folder tree of images, as a directory or ``.tar.gz`` (sha256
+checked), which is how the offline JPEG copy ships. Every later stage reads the prepared file, and only
+after checking it against the manifest's sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from arq.io import sha256_file, torch_save, write_json
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DataError(RuntimeError):
+    """A missing, partial or corrupt dataset; the message names the file and where it should be."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (uint8, N×3×32×32) and labels (int64) of one part of the data."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: Split
+    val: Split
+    cert: Split
+    cert_idx: torch.Tensor  # positions of the certification images in the canonical test order
+    manifest: dict
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def _expected_archive_sha256(archive: Path, configured: str | None) -> str:
+    if configured:
+        return configured
+    sums = archive.parent / "SHA256SUMS"
+    if not sums.exists():
+        raise DataError(f"no reference checksum for {archive}: set data.sha256 in the config or place a "
+                        f"SHA256SUMS file beside the archive")
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == archive.name:
+            return parts[0].lower()
+    raise DataError(f"{sums} has no entry for {archive.name}; set data.sha256 in the config")
+
+
+def _decode(blob: bytes, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DataError(f"cannot decode image {name}: {exc}") from exc
+    if arr.shape != (32, 32, 3):
+        raise DataError(f"image {name} has shape {arr.shape}, expected 32×32 RGB")
+    return arr
+
+
+def _assemble(entries: dict[tuple[str, str, str], bytes], origin: str, threads: int) -> dict[str, Split]:
+    """Decode {(split, class, file): bytes} in canonical order (class name, then file name)."""
+    out = {}
+    for split, expected in (("train", TRAIN_SIZE), ("test", TEST_SIZE)):
+        keys = sorted(k for k in entries if k[0] == split)
+        classes = sorted({k[1] for k in keys})
+        if classes != sorted(CLASSES):
+            raise DataError(f"{origin}: {split}/ must hold exactly the CIFAR-10 class folders {sorted(CLASSES)}, "
+                            f"found {classes}")
+        if len(keys) != expected:
+            raise DataError(f"{origin}: {split}/ holds {len(keys)} images, expected {expected} (partial copy?)")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            arrays = list(pool.map(lambda k: _decode(entries[k], f"{origin}:{'/'.join(k)}"), keys, chunksize=512))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        y = torch.tensor([CLASSES.index(k[1]) for k in keys], dtype=torch.int64)
+        out[split] = Split(x, y)
+    return out
+
+
+def read_folder_source(path: str | Path, expected_sha256: str | None = None, threads: int = 2):
+    """Read a class-folder tree ``{train,test}/<class>/<image>`` from a directory or a ``.tar.gz``.
+
+    Returns the train and test splits and a provenance record with the checksums that were verified.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"CIFAR-10 source not found: {path} (config data.path). Expected the class-folder copy, "
+                        f"e.g. ../shared/datasets/cifar10-jpeg.tar.gz, or set data.source: torchvision")
+    entries: dict[tuple[str, str, str], bytes] = {}
+    if path.is_file():
+        expected = _expected_archive_sha256(path, expected_sha256)
+        actual = sha256_file(path)
+        if actual != expected:
+            raise DataError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected} "
+                            f"(corrupt or partial download; fetch the file again)")
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    parts = Path(member.name).parts
+                    if member.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test") \
+                            and parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                        entries[(parts[-3], parts[-2], parts[-1])] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"cannot read archive {path}: {exc}") from exc
+        record = {"kind": "folder-archive", "path": str(path), "sha256": actual}
+    else:
+        digest = hashlib.sha256()
+        for split in ("train", "test"):
+            for file in sorted((path / split).glob("*/*")):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    blob = file.read_bytes()
+                    entries[(split, file.parent.name, file.name)] = blob
+                    digest.update(f"{split}/{file.parent.name}/{file.name}\0".encode())
+                    digest.update(hashlib.sha256(blob).digest())
+        tree = digest.hexdigest()
+        if expected_sha256 and tree != expected_sha256:
+            raise DataError(f"checksum mismatch for folder {path}: tree sha256 {tree}, expected {expected_sha256}")
+        record = {"kind": "folder-tree", "path": str(path), "tree_sha256": tree}
+    splits = _assemble(entries, str(path), threads)
+    record["canonical_order"] = "class name (torchvision class order for labels), then file name"
+    return splits, record
+
+
+def torchvision_files() -> dict[str, str]:
+    """File name → md5 of torchvision's CIFAR-10 python batches (its published sums)."""
+    from torchvision.datasets import CIFAR10
+
+    return {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
+
+
+def read_torchvision_source(root: str | Path, download: bool = False, md5s: dict[str, str] | None = None):
+    """Read torchvision's ``cifar-10-batches-py`` under ``root``, every file md5-checked."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    root = Path(root)
+    folder = root / CIFAR10.base_folder
+    md5s = md5s or torchvision_files()
+    if download and not all(check_integrity(str(folder / f), m) for f, m in md5s.items()):
+        CIFAR10(str(root), train=True, download=True)
+    checked = {}
+    for name, md5 in md5s.items():
+        file = folder / name
+        if not file.exists():
+            raise DataError(f"CIFAR-10 file missing: {file} (config data.path = {root}; it should hold "
+                            f"{CIFAR10.base_folder}/). Set data.download: true to fetch it with torchvision")
+        if not check_integrity(str(file), md5):
+            raise DataError(f"checksum mismatch for {file}: md5 differs from torchvision's {md5} (corrupt or partial)")
+        checked[name] = md5
+    splits = {}
+    for split, names in (("train", [n for n in md5s if n.startswith("data_batch")]),
+                         ("test", [n for n in md5s if n.startswith("test_batch")])):
+        xs, ys = [], []
+        for name in sorted(names):
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        splits[split] = Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+    record = {"kind": "torchvision", "path": str(folder), "md5": checked,
+              "canonical_order": "order of the batch files (data_batch_1..5, test_batch)"}
+    return splits, record
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+def split_indices(n_train: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train/val split: a seeded permutation; val is kept sorted, train in permuted order
+    (so ``train.train_images = k`` takes a random, class-balanced-in-expectation subset)."""
+    if not 0 < val_size < n_train:
+        raise ValueError(f"val_size {val_size} must be between 1 and {n_train - 1}")
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:].clone(), perm[:val_size].sort().values
+
+
+def cert_indices(n_test: int, skip: int) -> torch.Tensor:
+    """Cohen's protocol: every ``skip``-th test image of the canonical order."""
+    return torch.arange(0, n_test, skip)
+
+
+def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threads: int = 2) -> dict:
+    d = config["data"]
+    if d["source"] == "folder":
+        splits, source = read_folder_source(d["path"], d["sha256"], threads)
+    else:
+        splits, source = read_torchvision_source(d["path"], d["download"])
+    train_idx, val_idx = split_indices(len(splits["train"]), d["val_size"], d["split_seed"])
+    cidx = cert_indices(len(splits["test"]), d["cert_skip"])
+    payload = {
+        "train_x": splits["train"].x, "train_y": splits["train"].y,
+        "test_x": splits["test"].x, "test_y": splits["test"].y,
+        "train_idx": train_idx, "val_idx": val_idx, "cert_idx": cidx,
+        "classes": list(CLASSES),
+    }
+    torch_save(payload, out_file)
+    manifest = {
+        "dataset": "CIFAR-10",
+        "source": source,
+        "classes": list(CLASSES),
+        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(splits["test"]), "cert": len(cidx)},
+        "split_rule": f"seeded permutation of the {len(splits['train'])} training images (torch.randperm, "
+                      f"seed {d['split_seed']}); first {d['val_size']} → val, rest → train",
+        "split_seed": d["split_seed"],
+        "cert_rule": f"every {d['cert_skip']}-th test image of the canonical order",
+        "file": Path(out_file).name,
+        "file_sha256": sha256_file(out_file),
+    }
+    if source["kind"] != "torchvision":
+        manifest["note"] = ("images are the JPEG re-encoding of CIFAR-10 (quality 75); accuracies can sit slightly "
+                            "below numbers published on the original files")
+    write_json(manifest_file, manifest)
+    return manifest
+
+
+def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
+    """Load the prepared tensors after checking them against the manifest."""
+    data_file, manifest_file = Path(data_file), Path(manifest_file)
+    for f in (data_file, manifest_file):
+        if not f.exists():
+            raise DataError(f"prepared data missing: {f}; run `arq prepare` (the prepare_data rule) first")
+    manifest = json.loads(manifest_file.read_text())
+    if sha256_file(data_file) != manifest["file_sha256"]:
+        raise DataError(f"{data_file} does not match its manifest {manifest_file} (corrupt or replaced); "
+                        f"delete both and run prepare again")
+    p = torch.load(data_file, weights_only=True)
+    tx, ty = p["train_x"], p["train_y"]
+    return Prepared(
+        train=Split(tx[p["train_idx"]], ty[p["train_idx"]]),
+        val=Split(tx[p["val_idx"]], ty[p["val_idx"]]),
+        cert=Split(p["test_x"][p["cert_idx"]], p["test_y"][p["cert_idx"]]),
+        cert_idx=p["cert_idx"],
+        manifest=manifest,
+    )

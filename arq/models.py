@@ -1,0 +1,116 @@
+"""ResNet-20 for CIFAR-10 with its input normalization inside, and architecture-checked checkpoints.
+
+Normalization lives in the model so that Gaussian noise is added in [0,1] pixel space (Cohen et al.) and
+any later transformation of the network (quantization) sees the same input convention.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from arq.io import torch_save
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # 1×1 projection: a real layer the quantizer can address by name
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """He et al.'s CIFAR ResNet (6n+2 layers, widths 16/32/64)."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        layers, c_in = [], 16
+        for stage, c_out in enumerate((16, 32, 64)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(c_in, c_out, 2 if (i == 0 and stage > 0) else 1))
+                c_in = c_out
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+ARCHITECTURES = {"resnet20": lambda: ResNetCifar(20, 10)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or made for another architecture."""
+
+
+def build(arch: str) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, arch: str, **meta) -> None:
+    """Write model weights with the metadata needed to trace and safely reload them (atomic)."""
+    torch_save({"arch": arch, "state_dict": model.state_dict(), **meta}, path)
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was made for; refuse one made for a different ``arch``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not an arq checkpoint (no 'arch'/'state_dict')")
+    if arch is not None and ckpt["arch"] != arch:
+        raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, but {arch!r} was expected")
+    model = build(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit architecture {ckpt['arch']!r}: {exc}") from exc
+    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}

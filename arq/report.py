@@ -1,0 +1,82 @@
+"""Tables and figures from certification results.
+
+Reads only the JSON summaries and Cohen-format TSVs that the certify stage writes, so a reviewer can
+regenerate every table and figure from text files alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on CI or clusters
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from arq.io import atomic_path, write_text  # noqa: E402
+from arq.smoothing import read_tsv  # noqa: E402
+
+
+def table(summaries: list[str | Path]) -> pd.DataFrame:
+    """One row per certified model: method, σ, cost, clean accuracy, certified accuracy per radius, ACR."""
+    rows = []
+    for path in summaries:
+        s = json.loads(Path(path).read_text())
+        row = {"method": s["method"], "sigma": s["sigma"], "bitops_pct": s["bitops_pct"], "images": s["images"],
+               "clean_acc": s["clean_accuracy"]}
+        row.update({f"r={r}": v for r, v in s["certified_accuracy"].items()})
+        row.update({"ACR": s["acr"], "abstain": s["abstain_rate"], "N": s["n"],
+                    "samples_per_s": s["samples_per_s"], "seconds": s["wall_seconds"]})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["sigma", "bitops_pct"], ascending=[True, False], kind="stable")
+
+
+def write_table(df: pd.DataFrame, md_path: str | Path, csv_path: str | Path, title: str) -> None:
+    with atomic_path(csv_path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.4g")
+    md = df.to_markdown(index=False, floatfmt=".3f")
+    write_text(md_path, f"# {title}\n\n{md}\n")
+
+
+def certified_curve(tsv: str | Path, grid: np.ndarray) -> np.ndarray:
+    rows = read_tsv(tsv)
+    radius = np.array([float(r["radius"]) for r in rows])
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    return np.array([(correct & (radius >= r)).mean() for r in grid])
+
+
+def figure(curves: list[tuple[str, str | Path]], png: str | Path, pdf: str | Path, title: str) -> None:
+    """Certified accuracy vs ℓ2 radius, one curve per (label, TSV)."""
+    max_r = max(max((float(r["radius"]) for r in read_tsv(t)), default=0.0) for _, t in curves)
+    grid = np.linspace(0, max(max_r * 1.05, 0.25), 400)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, tsv in curves:
+        ax.plot(grid, certified_curve(tsv, grid), label=label)
+    ax.set_xlabel("ℓ2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    for path in (png, pdf):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
+    plt.close(fig)
+
+
+def run(config: dict, summaries: list[str], tsvs: list[str], md: str, csv: str, png: str, pdf: str) -> pd.DataFrame:
+    """The report stage: table and figure for one profile, from the certify stage's outputs."""
+    if len(tsvs) != len(summaries):
+        raise ValueError("each summary needs its TSV: --tsvs and --summaries must list the same number of files")
+    df = table(summaries)
+    write_table(df, md, csv, f"Certification results (profile {config['profile']})")
+    labels = []
+    for s in summaries:
+        meta = json.loads(Path(s).read_text())
+        labels.append(f"{meta['method']} σ={meta['sigma']:g}")
+    curves = [(labels[i], tsvs[i]) for i in df.index]  # same order as the table
+    figure(curves, png, pdf, f"{config['model']['arch']} / CIFAR-10, profile {config['profile']}")
+    return df

@@ -1,0 +1,261 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter 2019): PREDICT and CERTIFY with exact statistics.
+
+Noise is drawn on the model's device in large batches and class counts are accumulated there; the host
+only sees one count vector per image. Each image's noise comes from a generator seeded with (seed, idx),
+so certification is reproducible and an interrupted run resumes with identical results.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import nn
+
+from arq.io import write_text
+
+ABSTAIN = -1
+TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1-α) Clopper–Pearson lower bound on a binomial proportion from k successes in n."""
+    return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
+
+
+def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1-α) Clopper–Pearson upper bound on a binomial proportion from k successes in n."""
+    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
+
+
+def certified_radius(sigma: float, p_lower: float) -> float:
+    """Cohen's Theorem 1 with p_B = 1 - p_A: R = σ Φ⁻¹(p_A); 0 when the bound does not exceed ½."""
+    return sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    prediction: int  # ABSTAIN when p_A's lower bound is not above ½
+    radius: float
+    p_lower: float
+    count: int  # samples (of n) that voted for the selected class
+
+
+class Smooth:
+    """The smoothed classifier g(x) = argmax_c P[f(x+ε) = c], ε ~ N(0, σ²I), around a base classifier f."""
+
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float, batch_size: int = 1000,
+                 channels_last: bool = False):
+        self.base = base.eval()
+        self.num_classes = num_classes
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @torch.inference_mode()
+    def sample_counts(self, x: torch.Tensor, num: int, gen: torch.Generator) -> torch.Tensor:
+        """Class counts of f over ``num`` noisy copies of the single input x (counted on the device)."""
+        x = x.to(self.device)
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+        remaining = num
+        while remaining > 0:
+            b = min(self.batch_size, remaining)
+            batch = x.unsqueeze(0).expand(b, *x.shape)
+            batch = batch + self.sigma * torch.randn(batch.shape, generator=gen, device=self.device)
+            if self.channels_last and batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            counts += torch.bincount(self.base(batch).argmax(1), minlength=self.num_classes)
+            remaining -= b
+        return counts
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, gen: torch.Generator) -> int:
+        """Cohen's PREDICT: the top class if a two-sided binomial test of top vs runner-up rejects at α."""
+        counts = self.sample_counts(x, n, gen).cpu()
+        top2 = counts.topk(2)
+        n_a, n_b = int(top2.values[0]), int(top2.values[1])
+        if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+            return ABSTAIN
+        return int(top2.indices[0])
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, gen: torch.Generator) -> Certificate:
+        """Cohen's CERTIFY: select the class on n0 samples, bound its probability on n fresh samples."""
+        c_hat = int(self.sample_counts(x, n0, gen).argmax())
+        n_a = int(self.sample_counts(x, n, gen)[c_hat])
+        p_lower = lower_confidence_bound(n_a, n, alpha)
+        if p_lower <= 0.5:
+            return Certificate(ABSTAIN, 0.0, p_lower, n_a)
+        return Certificate(c_hat, certified_radius(self.sigma, p_lower), p_lower, n_a)
+
+
+def subset_positions(size: int, max_images: int | None) -> torch.Tensor:
+    """Positions of at most ``max_images`` images spread evenly over a subset of ``size`` (all when None).
+
+    The canonical order is grouped by class, so taking the first k would certify a single class."""
+    if max_images is None or max_images >= size:
+        return torch.arange(size)
+    return torch.arange(size)[:: -(-size // max_images)][:max_images]
+
+
+def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + idx)
+
+
+# ------------------------------------------------------------------------------------- dataset certification
+
+def _read_partial(partial: Path, meta: Path, fingerprint: dict) -> list[dict]:
+    """Rows of an interrupted run with the same fingerprint; an incomplete last line is dropped."""
+    if not (partial.exists() and meta.exists()) or json.loads(meta.read_text()) != fingerprint:
+        return []
+    rows = []
+    text = partial.read_text()
+    for line in text.splitlines(keepends=True)[1:]:
+        fields = line.rstrip("\n").split("\t")
+        if not line.endswith("\n") or len(fields) != len(TSV_COLUMNS):
+            break
+        rows.append(dict(zip(TSV_COLUMNS, fields)))
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    return "\t".join(str(row[c]) for c in TSV_COLUMNS) + "\n"
+
+
+def certify_dataset(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, idx: Iterable[int], n0: int, n: int,
+                    alpha: float, seed: int, out_tsv: str | Path, fingerprint: dict,
+                    progress: Callable | None = None) -> tuple[list[dict], float]:
+    """Certify each image, appending rows to ``<out>.partial`` as they finish; resume from it when its
+    fingerprint matches; publish the complete TSV atomically. Returns the rows and sampling seconds."""
+    out_tsv = Path(out_tsv)
+    partial, meta = out_tsv.with_name(out_tsv.name + ".partial"), out_tsv.with_name(out_tsv.name + ".partial.json")
+    fingerprint = json.loads(json.dumps(fingerprint))  # normalise types for comparison with the stored copy
+    rows = _read_partial(partial, meta, fingerprint)
+    out_tsv.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(fingerprint))
+    with open(partial, "w") as f:  # rewrite what was kept, dropping any torn line
+        f.write("\t".join(TSV_COLUMNS) + "\n")
+        f.writelines(_format_row(r) for r in rows)
+    done = len(rows)
+    idx = list(idx)
+    seconds = sum(_parse_time(r["time"]) for r in rows)
+    iterator = range(done, len(idx))
+    if progress is not None:
+        iterator = progress(iterator, total=len(idx), initial=done)
+    with open(partial, "a") as f:
+        for i in iterator:
+            t0 = time.perf_counter()
+            cert = smooth.certify(x[i], n0, n, alpha, image_generator(seed, int(idx[i]), smooth.device))
+            elapsed = time.perf_counter() - t0
+            seconds += elapsed
+            label = int(y[i])
+            row = {"idx": int(idx[i]), "label": label, "predict": cert.prediction, "radius": f"{cert.radius:.6g}",
+                   "correct": int(cert.prediction == label), "time": str(datetime.timedelta(seconds=elapsed))}
+            f.write(_format_row(row))
+            f.flush()
+            rows.append(row)
+    write_text(out_tsv, "\t".join(TSV_COLUMNS) + "\n" + "".join(_format_row(r) for r in rows))
+    partial.unlink()
+    meta.unlink()
+    return rows, seconds
+
+
+def _parse_time(text: str) -> float:
+    h, m, s = text.split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def summarize(rows: list[dict], radii: Iterable[float]) -> dict:
+    """Clean smoothed accuracy, certified accuracy at each radius, ACR and abstain rate."""
+    radius = [float(r["radius"]) for r in rows]
+    correct = [int(r["correct"]) for r in rows]
+    abstain = [int(r["predict"]) == ABSTAIN for r in rows]
+    m = len(rows)
+    return {
+        "images": m,
+        "clean_accuracy": sum(correct) / m,
+        "certified_accuracy": {f"{r:g}": sum(c and rad >= r for c, rad in zip(correct, radius)) / m for r in radii},
+        "acr": sum(c * rad for c, rad in zip(correct, radius)) / m,
+        "abstain_rate": sum(abstain) / m,
+    }
+
+
+def max_radius(sigma: float, n: int, alpha: float) -> float:
+    """Largest radius CERTIFY can return with n samples (all of them agreeing)."""
+    return certified_radius(sigma, math.exp(math.log(alpha) / n))
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    def wrap(iterable, total, initial):
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit="img", mininterval=5, dynamic_ncols=False)
+    return wrap
+
+
+def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path, summary_json: str | Path,
+                device: torch.device, method: str = "fp32") -> dict:
+    """CERTIFY every image of the certification subset with the profile's (N0, N, α); TSV + JSON summary."""
+    from arq import models
+    from arq.io import provenance, sha256_file, write_json
+
+    start = time.perf_counter()
+    cc = config["certify"]
+    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    sigma = float(meta["sigma"])
+    smooth = Smooth(model, len(data.manifest["classes"]), sigma, cc["batch_size"], device.type == "cuda")
+    pick = subset_positions(len(data.cert), cc["max_images"])
+    k = len(pick)
+    fingerprint = {"model_sha256": sha256_file(model_path), "certify": cc, "data": data.manifest["file_sha256"]}
+    rows, seconds = certify_dataset(smooth, data.cert.x[pick], data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
+                                    cc["n"], cc["alpha"], cc["seed"], out_tsv, fingerprint,
+                                    _progress(f"certify σ={sigma}"))
+    summary = {"method": method, "sigma": sigma, "bitops_pct": 100.0, "n0": cc["n0"], "n": cc["n"],
+               "alpha": cc["alpha"], **summarize(rows, config["report"]["radii"]),
+               "samples_per_s": round(k * (cc["n0"] + cc["n"]) / seconds, 1),
+               "max_certifiable_radius": round(max_radius(sigma, cc["n"], cc["alpha"]), 4),
+               "subset_rule": data.manifest["cert_rule"], "data_note": data.manifest.get("note", ""),
+               **provenance(config, device, time.perf_counter() - start)}
+    write_json(summary_json, summary)
+    return summary
+
+
+def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path, n: int, alpha: float,
+                device: torch.device) -> list[dict]:
+    """PREDICT on the certification subset; Cohen's prediction format (idx label predict correct time)."""
+    from arq import models
+
+    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    smooth = Smooth(model.to(device), len(data.manifest["classes"]), float(meta["sigma"]),
+                    config["certify"]["batch_size"])
+    pick = subset_positions(len(data.cert), config["certify"]["max_images"]).tolist()
+    rows = []
+    for i in _progress("predict")(pick, total=len(pick), initial=0):
+        t0 = time.perf_counter()
+        idx = int(data.cert_idx[i])
+        pred = smooth.predict(data.cert.x[i], n, alpha, image_generator(config["certify"]["seed"], idx, device))
+        label = int(data.cert.y[i])
+        rows.append({"idx": idx, "label": label, "predict": pred, "correct": int(pred == label),
+                     "time": str(datetime.timedelta(seconds=time.perf_counter() - t0))})
+    cols = ("idx", "label", "predict", "correct", "time")
+    write_text(out_tsv, "\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
+    return rows

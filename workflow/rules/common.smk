@@ -1,0 +1,51 @@
+# Shared helpers: validated config, path layout, the CLI entry point, per-stage resources.
+import os
+import sys
+
+import yaml
+
+from arq import budget
+from arq.config import ConfigError, sigma_tag, validate
+from arq.io import write_text
+
+try:
+    validate(config)
+except ConfigError as exc:
+    raise WorkflowError(str(exc))
+
+PROFILE = config["profile"]
+RESULTS = f"{config['paths']['results']}/{PROFILE}"
+PREPARED = f"{config['paths']['data']}/prepared/{PROFILE}"
+FIGURES = f"{config['paths']['figures']}/{PROFILE}"
+LOGS = f"{config['paths']['logs']}/{PROFILE}"
+SIGMAS = [sigma_tag(s) for s in config["sigmas"]]
+ARQ = f"{sys.executable} -m arq"
+
+# The CLI reads the effective configuration (profile file plus any --config overrides) from this file.
+# Rules do not list it as an input; each rule's `params.settings` holds the part it depends on, so a
+# changed setting reruns exactly the stages it affects (Snakemake's params rerun trigger).
+RESOLVED_CONFIG = f"{RESULTS}/config.resolved.yaml"
+_resolved = yaml.safe_dump(config, sort_keys=False)
+if not os.path.exists(RESOLVED_CONFIG) or open(RESOLVED_CONFIG).read() != _resolved:
+    write_text(RESOLVED_CONFIG, _resolved)
+
+wildcard_constraints:
+    sigma=r"[0-9]+\.[0-9]+",
+
+
+def stage_resources(stage):
+    r = config["resources"][stage]
+    return {"mem_mb": r["mem_mb"], "gpu": r["gpu"], "runtime": r["runtime"]}
+
+
+def _announce_cost():
+    import torch
+
+    device = "cuda" if config["device"] != "cpu" and torch.cuda.is_available() else "cpu"
+    if config["device"] == "cuda" and device == "cpu":
+        raise WorkflowError("config device is 'cuda' but no CUDA device is available")
+    print(f"[arq] {budget.describe(config, device, workflow.cores or 1)}", file=sys.stderr)
+
+
+onstart:
+    _announce_cost()
