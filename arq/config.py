@@ -38,7 +38,7 @@ def validate(config: dict) -> dict:
         lines = [f"  {_key(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     milestones = config["train"]["lr_milestones"]
-    if milestones != sorted(milestones):
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ConfigError("invalid configuration:\n  train.lr_milestones: must be increasing")
     return config
 

@@ -108,7 +108,10 @@ def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu
         raise CheckpointError(f"{path} is not an arq checkpoint (no 'arch'/'state_dict')")
     if arch is not None and ckpt["arch"] != arch:
         raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, but {arch!r} was expected")
-    model = build(ckpt["arch"])
+    try:
+        model = build(ckpt["arch"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -35,7 +35,7 @@ def table(summaries: list[str | Path]) -> pd.DataFrame:
 
 def write_table(df: pd.DataFrame, md_path: str | Path, csv_path: str | Path, title: str) -> None:
     with atomic_path(csv_path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.4g")
+        df.to_csv(tmp, index=False)
     md = df.to_markdown(index=False, floatfmt=".3f")
     write_text(md_path, f"# {title}\n\n{md}\n")
 

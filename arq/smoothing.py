@@ -104,7 +104,12 @@ def subset_positions(size: int, max_images: int | None) -> torch.Tensor:
     The canonical order is grouped by class, so taking the first k would certify a single class."""
     if max_images is None or max_images >= size:
         return torch.arange(size)
-    return torch.arange(size)[:: -(-size // max_images)][:max_images]
+    return (torch.arange(max_images) * size) // max_images
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → [0,1] floats: noise is added in this space, as in training (Cohen et al.)."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x
 
 
 def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
@@ -226,7 +231,7 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     pick = subset_positions(len(data.cert), cc["max_images"])
     k = len(pick)
     fingerprint = {"model_sha256": sha256_file(model_path), "certify": cc, "data": data.manifest["file_sha256"]}
-    rows, seconds = certify_dataset(smooth, data.cert.x[pick], data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
+    rows, seconds = certify_dataset(smooth, to_unit(data.cert.x[pick]), data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
                                     cc["n"], cc["alpha"], cc["seed"], out_tsv, fingerprint,
                                     _progress(f"certify σ={sigma}"))
     summary = {"method": method, "sigma": sigma, "bitops_pct": 100.0, "n0": cc["n0"], "n": cc["n"],
@@ -252,7 +257,7 @@ def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     for i in _progress("predict")(pick, total=len(pick), initial=0):
         t0 = time.perf_counter()
         idx = int(data.cert_idx[i])
-        pred = smooth.predict(data.cert.x[i], n, alpha, image_generator(config["certify"]["seed"], idx, device))
+        pred = smooth.predict(to_unit(data.cert.x[i]), n, alpha, image_generator(config["certify"]["seed"], idx, device))
         label = int(data.cert.y[i])
         rows.append({"idx": idx, "label": label, "predict": pred, "correct": int(pred == label),
                      "time": str(datetime.timedelta(seconds=time.perf_counter() - t0))})

@@ -1,0 +1,149 @@
+"""Profile configuration: schema validation naming the key, the paper protocol, hashing, CLI (arq/config.py)."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from arq import config as cfg
+from arq.config import ConfigError, config_hash, sigma_tag, validate
+
+
+def test_both_profiles_validate(repo_root):
+    for name in ("config.yaml", "smoke.yaml"):
+        loaded = cfg.load(repo_root / "config" / name)
+        assert validate(loaded) is loaded
+
+
+def test_paper_protocol(paper_config):
+    c = paper_config
+    assert c["profile"] == "paper"
+    assert c["sigmas"] == [0.25, 0.5, 1.0]
+    assert c["model"]["arch"] == "resnet20"
+    assert c["train"]["epochs"] == 90
+    assert c["train"]["train_images"] is None and c["train"]["val_images"] is None
+    assert (c["certify"]["n0"], c["certify"]["n"], c["certify"]["alpha"]) == (100, 100_000, 0.001)
+    assert c["certify"]["max_images"] is None
+    assert c["data"]["cert_skip"] == 20 and -(-10_000 // c["data"]["cert_skip"]) == 500
+
+
+def test_smoke_profile_is_the_same_dag_scaled_down(paper_config, smoke_config):
+    assert smoke_config["profile"] == "smoke" and smoke_config["device"] == "cpu"
+    assert smoke_config["data"] == paper_config["data"]  # same real data and subsets
+    assert smoke_config["model"] == paper_config["model"]
+    assert smoke_config["certify"]["alpha"] == paper_config["certify"]["alpha"]
+
+
+def _mutated(base, path, value=None, delete=False):
+    c = copy.deepcopy(base)
+    *parents, last = path.split(".")
+    node = c
+    for p in parents:
+        node = node[p]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return c
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("train.epochs", 0, ["train.epochs"]),
+    ("train.epochs", 2.5, ["train.epochs"]),
+    ("certify.alpha", 0.7, ["certify.alpha"]),
+    ("certify.alpha", 0, ["certify.alpha"]),
+    ("certify.n", "many", ["certify.n"]),
+    ("sigmas", [], ["sigmas"]),
+    ("sigmas", [0.25, 0.25], ["sigmas"]),
+    ("sigmas", [0.25, -1.0], ["sigmas.1"]),
+    ("device", "tpu", ["device"]),
+    ("profile", "has space", ["profile"]),
+    ("data.source", "internet", ["data.source"]),
+    ("data.sha256", "xyz", ["data.sha256"]),
+    ("model.arch", "resnet56", ["model.arch"]),
+    ("resources.train.threads", 0, ["resources.train.threads"]),
+    ("train.foo", 1, ["train", "'foo'"]),
+    ("foo", 1, ["<top level>", "'foo'"]),
+])
+def test_invalid_values_name_the_key(smoke_config, path, value, expect):
+    with pytest.raises(ConfigError) as exc:
+        validate(_mutated(smoke_config, path, value))
+    for text in expect:
+        assert text in str(exc.value)
+
+
+@pytest.mark.parametrize("path,key", [("certify.n", "'n'"), ("train.seed", "'seed'"), ("report", "'report'")])
+def test_missing_keys_are_named(smoke_config, path, key):
+    with pytest.raises(ConfigError) as exc:
+        validate(_mutated(smoke_config, path, delete=True))
+    assert key in str(exc.value)
+    parent = path.rsplit(".", 1)[0] if "." in path else "<top level>"
+    assert parent in str(exc.value)
+
+
+def test_load_reports_the_key_from_a_file(tmp_path, repo_root):
+    text = (repo_root / "config" / "smoke.yaml").read_text().replace("epochs: 4", "epochs: 0")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        cfg.load(bad)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        cfg.load(tmp_path / "absent.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        cfg.load(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        cfg.load(tmp_path / "list.yaml")
+
+
+def test_decreasing_lr_milestones_are_rejected(smoke_config):
+    with pytest.raises(ConfigError, match=r"train\.lr_milestones"):
+        validate(_mutated(smoke_config, "train.lr_milestones", [60, 30]))
+    validate(_mutated(smoke_config, "train.lr_milestones", [30, 60]))
+    validate(_mutated(smoke_config, "train.lr_milestones", []))
+
+
+def test_repeated_lr_milestones_are_rejected(smoke_config):
+    """The check says 'must be increasing'; a repeated milestone multiplies the lr by gamma twice."""
+    with pytest.raises(ConfigError, match=r"train\.lr_milestones"):
+        validate(_mutated(smoke_config, "train.lr_milestones", [30, 30]))
+
+
+def test_config_hash(smoke_config, paper_config):
+    h = config_hash(smoke_config)
+    assert len(h) == 16 and int(h, 16) >= 0
+    reordered = {k: smoke_config[k] for k in reversed(list(smoke_config))}
+    reordered["train"] = {k: smoke_config["train"][k] for k in sorted(smoke_config["train"], reverse=True)}
+    assert list(reordered) != list(smoke_config)
+    assert config_hash(reordered) == h
+    assert config_hash(_mutated(smoke_config, "certify.n", 501)) != h
+    assert config_hash(_mutated(smoke_config, "train.lr", 0.1000001)) != h
+    assert config_hash(paper_config) != h
+    # a YAML round trip (what the Snakefile writes as config.resolved.yaml) keeps the hash
+    assert config_hash(yaml.safe_load(yaml.safe_dump(smoke_config, sort_keys=True))) == h
+
+
+def test_sigma_tag():
+    assert [sigma_tag(s) for s in (0.25, 0.5, 1, 1.0, "0.5")] == ["0.25", "0.5", "1.0", "1.0", "0.5"]
+
+
+def test_cli_check_config(tmp_path, repo_root):
+    text = (repo_root / "config" / "smoke.yaml").read_text().replace("alpha: 0.001", "alpha: 0.7")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "arq", "check-config", str(bad)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "certify.alpha" in r.stderr
+    assert r.stdout == ""
+    good = subprocess.run([sys.executable, "-m", "arq", "check-config", str(repo_root / "config" / "smoke.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout and "smoke" in good.stdout

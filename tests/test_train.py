@@ -1,0 +1,190 @@
+"""Noise-augmented training: augmentation and exact resumption after an interruption (arq/train.py)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arq import models
+from arq.data import Prepared, Split
+from arq.io import torch_save
+from arq.train import augment, noisy_accuracy, train
+
+DEVICE = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+def _images(b=8, seed=0):
+    return torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_augment_shape_dtype_range():
+    x = _images()
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert x.dtype == torch.uint8  # the input is not modified in place
+
+
+def test_augment_is_deterministic_for_a_generator():
+    x = _images()
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    c = augment(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_augment_is_a_padded_crop_with_optional_flip():
+    x = _images(16, seed=3)
+    out = augment(x, torch.Generator().manual_seed(4), pad=4)
+    padded = F.pad(x, (4, 4, 4, 4)).float() / 255
+    flips = 0
+    for i in range(len(x)):
+        matches = []
+        for oy in range(9):
+            for ox in range(9):
+                window = padded[i, :, oy:oy + 32, ox:ox + 32]
+                for flip in (False, True):
+                    if torch.equal(out[i], window.flip(-1) if flip else window):
+                        matches.append((oy, ox, flip))
+        assert matches, f"image {i} is not a crop of the padded input"
+        flips += matches[0][2]
+    assert 0 < flips < len(x)  # both flipped and unflipped images occur
+
+
+def test_noisy_accuracy_of_a_constant_model():
+    class Const(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0, 0.0]).expand(len(x), 3)
+
+    split = Split(_images(10), torch.tensor([1, 1, 1, 0, 2, 1, 1, 0, 1, 1]))
+    model = Const().train()
+    assert noisy_accuracy(model, split, 0.5, 3, torch.Generator().manual_seed(0)) == pytest.approx(0.7)
+    assert model.training  # the previous mode is restored
+
+
+# ----------------------------------------------------------------------------------------------- resumption
+
+@pytest.fixture
+def tiny_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    return Prepared(train=Split(x[:64], y[:64]), val=Split(x[64:], y[64:]), cert=Split(x[:4], y[:4]),
+                    cert_idx=torch.arange(4), manifest={"file_sha256": "ab" * 32})
+
+
+@pytest.fixture
+def tiny_config(smoke_config):
+    cfg = smoke_config
+    cfg["train"].update(epochs=2, train_images=None, val_images=None, batch_size=16, lr_milestones=[1])
+    return cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(cfg, data, out, sigma=0.25, log=None):
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def record(msg):
+        lines.append(msg)
+        if log is not None:
+            log(msg)
+
+    summary = train(cfg, sigma, data, out / "model.pt", out / "resume.pt", out / "train.csv", out / "train.json",
+                    DEVICE, log=record)
+    return summary, lines
+
+
+def _history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_weights(a, b):
+    sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+
+
+def test_interrupted_training_resumes_to_identical_weights(tiny_config, tiny_data, tmp_path, single_thread):
+    straight, straight_log = _run(tiny_config, tiny_data, tmp_path / "straight")
+    assert [l.split()[1] for l in straight_log if l.startswith("epoch")] == ["1/2", "2/2"]
+
+    def crash_on_epoch_2(msg):
+        if msg.startswith("epoch 2/2"):
+            raise Interrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        _run(tiny_config, tiny_data, out, log=crash_on_epoch_2)
+    resume = torch.load(out / "resume.pt", weights_only=True)
+    assert resume["epoch"] == 1
+    assert len(_history(out / "train.csv")) == 1
+    assert not (out / "model.pt").exists()
+
+    summary, lines = _run(tiny_config, tiny_data, out)
+    assert any(l.startswith("resuming from") and "after epoch 1" in l for l in lines)
+    assert not any(l.startswith("epoch 1/2") for l in lines)  # epoch 1 is not repeated
+    _assert_same_weights(out / "model.pt", tmp_path / "straight" / "model.pt")
+    assert not (out / "resume.pt").exists()
+    hist, ref = _history(out / "train.csv"), _history(tmp_path / "straight" / "train.csv")
+    assert [r["epoch"] for r in hist] == ["1", "2"]
+    for r, s in zip(hist, ref):
+        for col in ("epoch", "lr", "loss", "train_acc", "noisy_val_acc"):
+            assert r[col] == s[col], col
+    assert [float(r["lr"]) for r in hist] == [0.1, pytest.approx(0.01)]  # MultiStepLR state was restored
+    assert summary["final_noisy_val_acc"] == straight["final_noisy_val_acc"]
+    assert json.loads((out / "train.json").read_text())["epochs"] == 2
+
+
+def test_checkpoint_metadata(tiny_config, tiny_data, tmp_path, single_thread):
+    tiny_config["train"]["epochs"] = 1
+    summary, _ = _run(tiny_config, tiny_data, tmp_path / "one", sigma=0.5)
+    model, meta = models.load_checkpoint(tmp_path / "one" / "model.pt", "resnet20")
+    assert meta["sigma"] == 0.5 and meta["epoch"] == 1
+    assert meta["data_sha256"] == "ab" * 32
+    assert summary["train_images"] == 64 and summary["epochs"] == 1
+    for key in ("config_hash", "git_commit", "device", "wall_seconds", "profile"):
+        assert key in summary
+
+
+def test_resume_file_with_another_fingerprint_is_ignored(tiny_config, tiny_data, tmp_path, single_thread):
+    straight, _ = _run(tiny_config, tiny_data, tmp_path / "straight")
+
+    # a resume checkpoint written by a run at another σ (same recipe, same data): must not be used
+    def crash_on_epoch_2(msg):
+        if msg.startswith("epoch 2/2"):
+            raise Interrupt
+
+    out = tmp_path / "other"
+    with pytest.raises(Interrupt):
+        _run(tiny_config, tiny_data, out, sigma=1.0, log=crash_on_epoch_2)
+    assert torch.load(out / "resume.pt", weights_only=True)["epoch"] == 1
+
+    _, lines = _run(tiny_config, tiny_data, out, sigma=0.25)
+    assert any(l.startswith("ignoring") and "starting afresh" in l for l in lines)
+    assert any(l.startswith("epoch 1/2") for l in lines)
+    _assert_same_weights(out / "model.pt", tmp_path / "straight" / "model.pt")
+    assert len(_history(out / "train.csv")) == 2
+
+
+def test_resume_file_from_another_recipe_is_ignored(tiny_config, tiny_data, tmp_path, single_thread):
+    out = tmp_path / "x"
+    out.mkdir()
+    torch_save({"fingerprint": {"train_hash": "0" * 16, "sigma": 0.25, "data_sha256": "ab" * 32}, "epoch": 1,
+                "state_dict": {}, "optimizer": {}, "scheduler": {}, "history": []}, out / "resume.pt")
+    tiny_config["train"]["epochs"] = 1
+    _, lines = _run(tiny_config, tiny_data, out)
+    assert any(l.startswith("ignoring") for l in lines)
+    assert len(_history(out / "train.csv")) == 1
