@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from arq import config as arq_config
+from conftest import require_real_archive
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -88,8 +89,7 @@ def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    if not ARCHIVE.exists():
-        pytest.skip(f"offline CIFAR-10 copy not found at {ARCHIVE}")
+    require_real_archive(ARCHIVE)
     workdir = tmp_path_factory.mktemp("smoke")
     config = smoke_copy(workdir)
     result = snakemake(workdir, "--cores", "2", "--configfile", str(config))
