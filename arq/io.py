@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
+from arq.config import config_hash
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -77,8 +79,6 @@ def device_name(device: torch.device) -> str:
 
 def provenance(config: dict, device: torch.device, wall_seconds: float) -> dict:
     """Fields every result file carries so a number can be traced to the run that made it."""
-    from arq.config import config_hash
-
     return {
         "profile": config["profile"],
         "config_hash": config_hash(config),

@@ -40,20 +40,29 @@ def write_table(df: pd.DataFrame, md_path: str | Path, csv_path: str | Path, tit
     write_text(md_path, f"# {title}\n\n{md}\n")
 
 
-def certified_curve(tsv: str | Path, grid: np.ndarray) -> np.ndarray:
+def _radii(tsv: str | Path) -> tuple[np.ndarray, np.ndarray]:
     rows = read_tsv(tsv)
-    radius = np.array([float(r["radius"]) for r in rows])
-    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    return (np.array([float(r["radius"]) for r in rows]),
+            np.array([int(r["correct"]) for r in rows], dtype=bool))
+
+
+def certified_curve(tsv: str | Path, grid: np.ndarray) -> np.ndarray:
+    radius, correct = _radii(tsv)
+    return _curve(radius, correct, grid)
+
+
+def _curve(radius: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.array([(correct & (radius >= r)).mean() for r in grid])
 
 
 def figure(curves: list[tuple[str, str | Path]], png: str | Path, pdf: str | Path, title: str) -> None:
     """Certified accuracy vs ℓ2 radius, one curve per (label, TSV)."""
-    max_r = max(max((float(r["radius"]) for r in read_tsv(t)), default=0.0) for _, t in curves)
+    loaded = [(label, *_radii(tsv)) for label, tsv in curves]
+    max_r = max((radius.max(initial=0.0) for _, radius, _ in loaded), default=0.0)
     grid = np.linspace(0, max(max_r * 1.05, 0.25), 400)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, tsv in curves:
-        ax.plot(grid, certified_curve(tsv, grid), label=label)
+    for label, radius, correct in loaded:
+        ax.plot(grid, _curve(radius, correct, grid), label=label)
     ax.set_xlabel("ℓ2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
@@ -73,10 +82,7 @@ def run(config: dict, summaries: list[str], tsvs: list[str], md: str, csv: str, 
         raise ValueError("each summary needs its TSV: --tsvs and --summaries must list the same number of files")
     df = table(summaries)
     write_table(df, md, csv, f"Certification results (profile {config['profile']})")
-    labels = []
-    for s in summaries:
-        meta = json.loads(Path(s).read_text())
-        labels.append(f"{meta['method']} σ={meta['sigma']:g}")
-    curves = [(labels[i], tsvs[i]) for i in df.index]  # same order as the table
+    # df keeps each summary's input position as its index, so tsvs[i] belongs to row i
+    curves = [(f"{row.method} σ={row.sigma:g}", tsvs[i]) for i, row in zip(df.index, df.itertuples())]
     figure(curves, png, pdf, f"{config['model']['arch']} / CIFAR-10, profile {config['profile']}")
     return df
