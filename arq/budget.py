@@ -9,10 +9,12 @@ ANCHORS = {  # images (or noisy samples) per second for ResNet-20
     "cuda": {"train": 21_700.0, "infer": 234_000.0},
     "cpu_per_2_threads": {"train": 370.0, "infer": 900.0},
 }
+# Fake quantization slows a pass down; measured on two CPU cores (benchmarks/RESULTS.md); GPU assumed alike.
+QUANT_SLOWDOWN = {"train": 1.6, "infer": 1.3}
 
 
 def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
-    """Seconds for the whole FP32 arm of ``config`` (train, per-epoch noisy val, certify) on a device type."""
+    """Seconds for the stages of ``config`` built so far (train, finetune, certify) on a device type."""
     if device_type == "cuda":
         rate = ANCHORS["cuda"]
     else:
@@ -20,14 +22,20 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
         rate = {k: v * scale for k, v in ANCHORS["cpu_per_2_threads"].items()}
     sizes = {"train": 50_000 - config["data"]["val_size"], "val": config["data"]["val_size"],
              "cert": -(-10_000 // config["data"]["cert_skip"])}
-    t, c = config["train"], config["certify"]
-    train_imgs = min(t["train_images"] or sizes["train"], sizes["train"])
-    val_imgs = min(t["val_images"] or sizes["val"], sizes["val"])
-    cert_imgs = min(c["max_images"] or sizes["cert"], sizes["cert"])
+    t, f, c = config["train"], config["finetune"], config["certify"]
+
+    def count(k, full):
+        return min(k or full, full)
+
     k = len(config["sigmas"])
-    train = k * t["epochs"] * (train_imgs / rate["train"] + val_imgs / rate["infer"])
-    certify = k * cert_imgs * (c["n0"] + c["n"]) / rate["infer"]
-    return {"train": train, "certify": certify, "total": train + certify + 30.0}
+    q = len(config["quant"]["uniform"])
+    train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
+                               + count(t["val_images"], sizes["val"]) / rate["infer"])
+    finetune = k * q * f["epochs"] * (count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
+                                      + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
+    one_certify = count(c["max_images"], sizes["cert"]) * (c["n0"] + c["n"]) / rate["infer"]
+    certify = k * one_certify * (1 + q * QUANT_SLOWDOWN["infer"])
+    return {"train": train, "finetune": finetune, "certify": certify, "total": train + finetune + certify + 30.0}
 
 
 def _human(seconds: float) -> str:
@@ -41,8 +49,9 @@ def _human(seconds: float) -> str:
 def describe(config: dict, device_type: str, threads: int) -> str:
     here = estimate_seconds(config, device_type, threads)
     where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} threads)"
-    text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} for the FP32 arm "
-            f"(training {_human(here['train'])}, certification {_human(here['certify'])})")
+    text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} for the FP32 and uniform arms "
+            f"(training {_human(here['train'])}, QAT finetune {_human(here['finetune'])}, "
+            f"certification {_human(here['certify'])})")
     if device_type != "cuda":
         gpu = estimate_seconds(config, "cuda")
         text += f"; about {_human(gpu['total'])} on one H100-class GPU"

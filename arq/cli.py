@@ -43,6 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-csv", required=True, help="per-epoch CSV")
     p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
 
+    p = sub.add_parser("uniform", help="write the uniform WxAy policy of the configured architecture")
+    p.add_argument("--config", required=True)
+    p.add_argument("--bits", required=True, help="e.g. W4A4 (pinned layers keep quant.pinned_bits)")
+    p.add_argument("--out", required=True, help="policy JSON")
+
+    p = sub.add_parser("finetune", help="quantize an FP32 model with a policy, calibrate, QAT under noise (resumable)")
+    _common(p)
+    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--base", required=True, help="FP32 checkpoint trained at the same σ")
+    p.add_argument("--policy", required=True, help="policy JSON")
+    p.add_argument("--method", required=True, help="name recorded in the checkpoint and the report, e.g. uniform_w4a4")
+    p.add_argument("--out", required=True, help="quantized checkpoint")
+    p.add_argument("--metrics", required=True, help="summary JSON")
+    p.add_argument("--log-csv", required=True, help="per-epoch CSV")
+    p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
+
+    p = sub.add_parser("cost", help="per-layer MACs and BitOps of an architecture, optionally under a policy")
+    p.add_argument("arch", help="resnet20, resnet50 or mobilenet_v2")
+    p.add_argument("--policy", default=None, help="policy JSON to price (default: FP32)")
+
     p = sub.add_parser("certify", help="Cohen CERTIFY on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
@@ -67,13 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cost_table(arch: str, policy_path: str | None) -> str:
+    from tabulate import tabulate
+
+    from arq import cost, models, policy
+
+    if arch not in models.ARCHITECTURES:
+        raise SystemExit(f"arq cost: unknown architecture {arch!r}; known: {', '.join(models.ARCHITECTURES)}")
+    costs = cost.for_arch(arch)
+    if policy_path:
+        import json
+
+        pinned = json.loads(Path(policy_path).read_text()).get("pinned", {}) if Path(policy_path).exists() else {}
+        layers = policy.load(policy_path, policy.Rules(arch, tuple(c.name for c in costs), pinned=pinned),
+                             costs)["layers"]
+    else:
+        layers = {c.name: {"w_bits": 32, "a_bits": 32} for c in costs}
+    rows = [(c.name, c.kind, c.macs, c.weights, layers[c.name]["w_bits"], layers[c.name]["a_bits"],
+             c.macs * layers[c.name]["w_bits"] * layers[c.name]["a_bits"]) for c in costs]
+    s = cost.summary(costs, layers)
+    return (tabulate(rows, headers=("layer", "kind", "MACs", "weights", "w_bits", "a_bits", "BitOps"),
+                     intfmt=",") +
+            f"\n{arch}: {len(costs)} layers, {s['macs'] / 1e6:,.2f}M MACs, {s['bitops'] / 1e9:,.3f} GBitOps "
+            f"= {s['bitops_pct']:.3f}% of FP32, weights {s['weight_bits'] / 8e6:,.3f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
     from arq import config as cfg
     from arq.data import DataError, load_prepared
     from arq.models import CheckpointError
 
+    from arq.policy import PolicyError
+
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "cost":
+            print(_cost_table(args.arch, args.policy))
+            return 0
         config = cfg.load(args.config)
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
@@ -92,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             df = report.run(config, args.summaries, args.tsvs, args.table_md, args.table_csv, *args.figure)
             print(df.to_string(index=False))
             return 0
+        if args.command == "uniform":
+            from arq import policy
+
+            doc = policy.uniform_policy(config, args.bits)
+            policy.save(args.out, doc)
+            print(f"{doc['produced_by']}: {doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out}")
+            return 0
         data = load_prepared(args.data, args.manifest)
         device = _device(config)
         if args.command == "train":
@@ -99,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
 
             train(config, args.sigma, data, args.out, args.resume or str(Path(args.out).with_suffix(".resume.pt")),
                   args.log_csv, args.metrics, device, log=lambda s: print(s, flush=True))
+        elif args.command == "finetune":
+            from arq import policy
+            from arq.train import finetune
+
+            costs, rules = policy.for_config(config)
+            doc = policy.load(args.policy, rules, costs)
+            finetune(config, args.sigma, args.base, doc, data, args.out,
+                     args.resume or str(Path(args.out).with_suffix(".resume.pt")), args.log_csv, args.metrics, device,
+                     args.method, log=lambda s: print(s, flush=True))
         elif args.command == "certify":
             from arq.smoothing import run_certify
 
@@ -112,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.alpha or config["certify"]["alpha"], device)
             print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
         return 0
-    except (cfg.ConfigError, DataError, CheckpointError) as exc:
+    except (cfg.ConfigError, DataError, CheckpointError, PolicyError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

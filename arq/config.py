@@ -40,6 +40,16 @@ def validate(config: dict) -> dict:
     milestones = config["train"]["lr_milestones"]
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ConfigError("invalid configuration:\n  train.lr_milestones: must be increasing")
+    q = config["quant"]
+    lo, hi = q["min_bits"], q["max_bits"]
+    if lo > hi:
+        raise ConfigError(f"invalid configuration:\n  quant.min_bits: {lo} is above quant.max_bits {hi}")
+    if q["pin_first_last"] and not lo <= q["pinned_bits"] <= hi:
+        raise ConfigError(f"invalid configuration:\n  quant.pinned_bits: {q['pinned_bits']} is outside {lo}..{hi}")
+    for i, tag in enumerate(q["uniform"]):
+        w, a = (int(b) for b in tag[1:].split("A"))
+        if not (lo <= w <= hi and lo <= a <= hi):
+            raise ConfigError(f"invalid configuration:\n  quant.uniform.{i}: {tag} has bits outside {lo}..{hi}")
     return config
 
 

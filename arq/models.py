@@ -77,7 +77,34 @@ class ResNetCifar(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-ARCHITECTURES = {"resnet20": lambda: ResNetCifar(20, 10)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalized(nn.Module):
+    """A torchvision network with its input normalization in front (names: ``normalize``, ``net.*``)."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def _torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    return Normalized(getattr(torchvision.models, name)(weights=None, num_classes=1000), IMAGENET_MEAN, IMAGENET_STD)
+
+
+ARCHITECTURES = {
+    "resnet20": lambda: ResNetCifar(20, 10),
+    "resnet50": lambda: _torchvision("resnet50"),
+    "mobilenet_v2": lambda: _torchvision("mobilenet_v2"),
+}
+INPUT_SHAPES = {"resnet20": (3, 32, 32), "resnet50": (3, 224, 224), "mobilenet_v2": (3, 224, 224)}
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +139,10 @@ def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu
         model = build(ckpt["arch"])
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
+    if "policy" in ckpt:  # a quantized model: recreate its quantized layers before loading their state
+        from arq.quant import apply_policy
+
+        apply_policy(model, ckpt["policy"]["layers"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -55,20 +55,23 @@ def _curve(radius: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndar
     return np.array([(correct & (radius >= r)).mean() for r in grid])
 
 
-def figure(curves: list[tuple[str, str | Path]], png: str | Path, pdf: str | Path, title: str) -> None:
-    """Certified accuracy vs ℓ2 radius, one curve per (label, TSV)."""
-    loaded = [(label, *_radii(tsv)) for label, tsv in curves]
-    max_r = max((radius.max(initial=0.0) for _, radius, _ in loaded), default=0.0)
-    grid = np.linspace(0, max(max_r * 1.05, 0.25), 400)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, radius, correct in loaded:
-        ax.plot(grid, _curve(radius, correct, grid), label=label)
-    ax.set_xlabel("ℓ2 radius")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+def figure(panels: list[tuple[str, list[tuple[str, str | Path]]]], png: str | Path, pdf: str | Path,
+           title: str) -> None:
+    """Certified accuracy vs ℓ2 radius: one panel per (panel title, curves), one curve per (label, TSV)."""
+    loaded = [(name, [(label, *_radii(tsv)) for label, tsv in curves]) for name, curves in panels]
+    fig, axes = plt.subplots(1, len(loaded), figsize=(4.6 * len(loaded) + 0.9, 3.8), squeeze=False, sharey=True)
+    for ax, (name, curves) in zip(axes[0], loaded):
+        max_r = max((radius.max(initial=0.0) for _, radius, _ in curves), default=0.0)
+        grid = np.linspace(0, max(max_r * 1.05, 0.25), 400)
+        for label, radius, correct in curves:
+            ax.plot(grid, _curve(radius, correct, grid), label=label)
+        ax.set_xlabel("ℓ2 radius")
+        ax.set_ylim(0, 1)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("certified accuracy")
+    fig.suptitle(title)
     fig.tight_layout()
     for path in (png, pdf):
         with atomic_path(path) as tmp:
@@ -83,6 +86,9 @@ def run(config: dict, summaries: list[str], tsvs: list[str], md: str, csv: str, 
     df = table(summaries)
     write_table(df, md, csv, f"Certification results (profile {config['profile']})")
     # df keeps each summary's input position as its index, so tsvs[i] belongs to row i
-    curves = [(f"{row.method} σ={row.sigma:g}", tsvs[i]) for i, row in zip(df.index, df.itertuples())]
-    figure(curves, png, pdf, f"{config['model']['arch']} / CIFAR-10, profile {config['profile']}")
+    panels: dict[float, list] = {}
+    for i, row in zip(df.index, df.itertuples()):
+        panels.setdefault(row.sigma, []).append((f"{row.method} ({row.bitops_pct:.3g}% BitOps)", tsvs[i]))
+    figure([(f"σ = {sigma:g}", curves) for sigma, curves in panels.items()], png, pdf,
+           f"{config['model']['arch']} / CIFAR-10, profile {config['profile']}")
     return df

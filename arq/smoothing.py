@@ -234,7 +234,8 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     rows, seconds = certify_dataset(smooth, to_unit(data.cert.x[pick]), data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
                                     cc["n"], cc["alpha"], cc["seed"], out_tsv, fingerprint,
                                     _progress(f"certify σ={sigma}"))
-    summary = {"method": method, "sigma": sigma, "bitops_pct": 100.0, "n0": cc["n0"], "n": cc["n"],
+    bitops_pct = float(meta["policy"]["bitops_pct"]) if "policy" in meta else 100.0
+    summary = {"method": method, "sigma": sigma, "bitops_pct": bitops_pct, "n0": cc["n0"], "n": cc["n"],
                "alpha": cc["alpha"], **summarize(rows, config["report"]["radii"]),
                "samples_per_s": round(k * (cc["n0"] + cc["n"]) / seconds, 1),
                "max_certifiable_radius": round(max_radius(sigma, cc["n"], cc["alpha"]), 4),

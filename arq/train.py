@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arq import models
+from arq import models, quant
 from arq.config import config_hash
 from arq.data import Prepared, Split
 from arq.io import provenance, torch_save, write_json, write_text
@@ -64,43 +64,38 @@ def _to_device(split: Split, device: torch.device) -> Split:
     return Split(split.x.to(device), split.y.to(device))
 
 
-def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, resume_path: str | Path,
-          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print) -> dict:
-    """Train the base model at noise level σ; write the final checkpoint, a per-epoch CSV and a summary."""
-    tc = config["train"]
-    start = time.perf_counter()
-    torch.manual_seed(tc["seed"])  # model initialisation
-    model = models.build(config["model"]["arch"]).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
-    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"])
+def _first(split: Split, k: int | None) -> Split:
+    return split if k is None else Split(split.x[:k], split.y[:k])
 
-    train_split = data.train if tc["train_images"] is None else Split(data.train.x[:tc["train_images"]],
-                                                                      data.train.y[:tc["train_images"]])
-    val_split = data.val if tc["val_images"] is None else Split(data.val.x[:tc["val_images"]],
-                                                                data.val.y[:tc["val_images"]])
-    train_split, val_split = _to_device(train_split, device), _to_device(val_split, device)
 
-    history, first_epoch = [], 0
-    resume_path = Path(resume_path)
-    if resume_path.exists():
-        ckpt = torch.load(resume_path, map_location=device, weights_only=True)
-        if ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["state_dict"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            history, first_epoch = ckpt["history"], ckpt["epoch"]
-            log(f"resuming from {resume_path} after epoch {first_epoch}")
-        else:
-            log(f"ignoring {resume_path}: it was made with another recipe, σ or dataset; starting afresh")
+def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sched, device: torch.device,
+                log) -> tuple[list[dict], int]:
+    """(history, epochs done) from a matching resume checkpoint; ([], 0) when there is none or it differs."""
+    if not resume_path.exists():
+        return [], 0
+    ckpt = torch.load(resume_path, map_location=device, weights_only=True)
+    if ckpt.get("fingerprint") != fingerprint:
+        log(f"ignoring {resume_path}: it was made with another recipe, σ, policy or dataset; starting afresh")
+        return [], 0
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    log(f"resuming from {resume_path} after epoch {ckpt['epoch']}")
+    return ckpt["history"], ckpt["epoch"]
 
-    n, bs = len(train_split), tc["batch_size"]
-    log(f"training {config['model']['arch']} at σ={sigma} on {n} images for {tc['epochs']} epochs on {device}")
-    for epoch in range(first_epoch, tc["epochs"]):
+
+def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, seed: int,
+               epochs: int, batch_size: int, device: torch.device, log=print, first_epoch: int = 0,
+               history: list[dict] | None = None, on_epoch=None) -> list[dict]:
+    """The training loop every stage shares (base training, QAT finetune, search episodes).
+
+    Each epoch: crop/flip + N(0, σ²) noise on the device, SGD steps, then noisy accuracy on ``val_split``.
+    ``on_epoch(epoch, history)`` runs after each epoch (the stages save their resume checkpoint there)."""
+    history = list(history or [])
+    n, bs = len(train_split), batch_size
+    for epoch in range(first_epoch, epochs):
         model.train()
-        gen = epoch_generator(tc["seed"], epoch, device)
+        gen = epoch_generator(seed, epoch, device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
@@ -127,23 +122,142 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
                "train_acc": round(correct.item() / n, 5), "noisy_val_acc": round(val_acc, 5),
                "images_per_s": round(n / seconds, 1), "epoch_seconds": round(seconds, 3)}
         history.append(row)
-        log(f"epoch {epoch + 1}/{tc['epochs']}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
+        log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
             f"noisy val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s  lr {lr:g}")
-        torch_save({"fingerprint": fingerprint, "epoch": epoch + 1, "state_dict": model.state_dict(),
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history)
+    return history
+
+
+def _checkpointer(resume_path: Path, fingerprint: dict, model, opt, sched, log_csv):
+    def save(epoch: int, history: list[dict]) -> None:
+        torch_save({"fingerprint": fingerprint, "epoch": epoch, "state_dict": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
                    resume_path)
         _write_history(log_csv, history)
+    return save
+
+
+def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, resume_path: str | Path,
+          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print) -> dict:
+    """Train the base model at noise level σ; write the final checkpoint, a per-epoch CSV and a summary."""
+    tc = config["train"]
+    start = time.perf_counter()
+    torch.manual_seed(tc["seed"])  # model initialisation
+    model = models.build(config["model"]["arch"]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
+    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"])
+    train_split = _to_device(_first(data.train, tc["train_images"]), device)
+    val_split = _to_device(_first(data.val, tc["val_images"]), device)
+
+    resume_path = Path(resume_path)
+    history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
+    log(f"training {config['model']['arch']} at σ={sigma} on {len(train_split)} images for {tc['epochs']} epochs "
+        f"on {device}")
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, tc["seed"], tc["epochs"], tc["batch_size"],
+                         device, log, first_epoch, history,
+                         _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
 
     wall = time.perf_counter() - start
     models.save_checkpoint(out_model, model.to(memory_format=torch.contiguous_format).cpu(),
                            config["model"]["arch"], sigma=sigma, epoch=tc["epochs"],
                            config_hash=config_hash(config), data_sha256=data.manifest["file_sha256"])
-    summary = {"sigma": sigma, "epochs": tc["epochs"], "train_images": n,
+    summary = {"sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
                "final_noisy_val_acc": history[-1]["noisy_val_acc"],
                "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
                **provenance(config, device, wall)}
     write_json(metrics_json, summary)
     resume_path.unlink(missing_ok=True)  # the final checkpoint supersedes it
+    return summary
+
+
+# ------------------------------------------------------------------------------------ quantization-aware finetune
+
+def calibration_batches(split: Split, sigma: float, images: int, batch_size: int, seed: int,
+                        device: torch.device):
+    """Noisy copies of the first ``images`` training images, as the quantized model will see them."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x_all = split.x[:images]
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i:i + batch_size].to(device).float().div_(255)
+        yield x + sigma * torch.randn(x.shape, generator=gen, device=device)
+
+
+def quantize_for_finetune(model: nn.Module, layers: dict, quant_config: dict, calib: Split, sigma: float,
+                          batch_size: int, seed: int, device: torch.device) -> dict:
+    """Apply a policy to an FP32 model, calibrate its activation ranges under noise, set clip learning."""
+    quant.apply_policy(model, layers)
+    qc = quant_config["calibration"]
+    ranges = quant.calibrate(model, calibration_batches(calib, sigma, qc["images"], batch_size, seed, device),
+                             qc["method"])
+    quant.set_clip_learning(model, quant_config["act_clip"] == "learned")
+    return ranges
+
+
+def _finetune_fingerprint(config: dict, sigma: float, policy_doc: dict, base_sha: str, data_sha: str) -> dict:
+    return {"finetune_hash": config_hash({"finetune": config["finetune"], "quant": config["quant"],
+                                          "model": config["model"]}),
+            "layers": policy_doc["layers"], "sigma": sigma, "base_sha256": base_sha, "data_sha256": data_sha}
+
+
+def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dict, data: Prepared,
+             out_model: str | Path, resume_path: str | Path, log_csv: str | Path, metrics_json: str | Path,
+             device: torch.device, method: str, log=print) -> dict:
+    """The final finetune every method shares: quantize the FP32 base model with ``policy_doc``, calibrate,
+    then QAT under Gaussian noise at σ (SGD, cosine schedule). Writes a quantized checkpoint carrying its policy."""
+    from arq.io import sha256_file
+
+    fc = config["finetune"]
+    start = time.perf_counter()
+    model, meta = models.load_checkpoint(base_model, config["model"]["arch"])
+    if "policy" in meta:
+        raise models.CheckpointError(f"{base_model} is already quantized; finetune starts from an FP32 model")
+    if abs(float(meta["sigma"]) - sigma) > 1e-12:
+        raise models.CheckpointError(f"{base_model} was trained at σ={meta['sigma']}, not σ={sigma}")
+    model.to(device)
+    base_sha = sha256_file(base_model)
+    train_split = _to_device(_first(data.train, fc["train_images"]), device)
+    val_split = _to_device(_first(data.val, fc["val_images"]), device)
+    log(f"finetuning {method} ({policy_doc['bitops_pct']:.3f}% of FP32 BitOps) at σ={sigma} on {len(train_split)} "
+        f"images for {fc['epochs']} epochs on {device}")
+    ranges = quantize_for_finetune(model, policy_doc["layers"], config["quant"], train_split, sigma,
+                                   fc["batch_size"], fc["seed"], device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    clips = [p for n, p in model.named_parameters() if n.endswith("act.clip") and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if not n.endswith("act.clip")]
+    groups = [{"params": others}] + ([{"params": clips, "weight_decay": 0.0}] if clips else [])  # no decay on ranges
+    opt = torch.optim.SGD(groups, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(fc["epochs"], 1))
+    fingerprint = _finetune_fingerprint(config, sigma, policy_doc, base_sha, data.manifest["file_sha256"])
+    resume_path = Path(resume_path)
+    history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
+    if first_epoch == 0:
+        val_acc = noisy_accuracy(model, val_split, sigma, 1000, epoch_generator(fc["seed"], -1, device))
+        log(f"after calibration (before QAT): noisy val acc {val_acc:.4f}")
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, fc["seed"], fc["epochs"], fc["batch_size"],
+                         device, log, first_epoch, history,
+                         _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
+    if not history:  # epochs: 0 = post-training quantization (calibration only)
+        history = [{"epoch": 0, "lr": 0.0, "loss": None, "train_acc": None,
+                    "noisy_val_acc": round(noisy_accuracy(model, val_split, sigma, 1000,
+                                                          epoch_generator(fc["seed"], -1, device)), 5),
+                    "images_per_s": 0.0, "epoch_seconds": 0.0}]
+        _write_history(log_csv, history)
+
+    wall = time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format).cpu()
+    models.save_checkpoint(out_model, model, config["model"]["arch"], sigma=sigma, epoch=fc["epochs"], method=method,
+                           policy=policy_doc, base_sha256=base_sha, config_hash=config_hash(config),
+                           data_sha256=data.manifest["file_sha256"])
+    summary = {"method": method, "sigma": sigma, "bitops_pct": policy_doc["bitops_pct"], "epochs": fc["epochs"],
+               "train_images": len(train_split), "final_noisy_val_acc": history[-1]["noisy_val_acc"],
+               "activation_ranges": ranges, **provenance(config, device, wall)}
+    write_json(metrics_json, summary)
+    resume_path.unlink(missing_ok=True)
     return summary
 
 

@@ -30,11 +30,56 @@ def test_paper_protocol(paper_config):
     assert c["data"]["cert_skip"] == 20 and -(-10_000 // c["data"]["cert_skip"]) == 500
 
 
+def test_paper_quantization_protocol(paper_config):
+    """DESIGN §5: bits 2..8, first/last pinned at 8, W8A8 and W4A4 baselines, the shared QAT finetune."""
+    q, f = paper_config["quant"], paper_config["finetune"]
+    assert (q["min_bits"], q["max_bits"], q["pin_first_last"], q["pinned_bits"]) == (2, 8, True, 8)
+    assert q["uniform"] == ["W8A8", "W4A4"]
+    assert (f["epochs"], f["lr"], f["weight_decay"], f["batch_size"]) == (30, 0.01, 4e-5, 256)
+    assert f["train_images"] is None
+
+
+def test_every_profile_validates(repo_root):
+    for path in sorted((repo_root / "config").glob("*.yaml")):
+        cfg.load(path)
+
+
+@pytest.mark.parametrize("path,value,key", [
+    ("quant.min_bits", 1, "quant.min_bits"),
+    ("quant.max_bits", 9, "quant.max_bits"),
+    ("quant.act_clip", "fixed", "quant.act_clip"),
+    ("quant.calibration.method", "kl", "quant.calibration.method"),
+    ("quant.uniform", ["W4"], "quant.uniform.0"),
+    ("quant.uniform", ["W8A8", "W8A8"], "quant.uniform"),
+    ("finetune.epochs", -1, "finetune.epochs"),
+    ("finetune.lr", 0, "finetune.lr"),
+])
+def test_quant_and_finetune_schema_errors_name_the_key(smoke_config, path, value, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(_mutated(smoke_config, path, value))
+
+
+def test_quant_cross_checks(smoke_config):
+    """Relations between keys the schema cannot express: min ≤ max, pinned and uniform bits inside the range."""
+    c = _mutated(smoke_config, "quant.min_bits", 6)
+    with pytest.raises(ConfigError, match=r"quant\.min_bits"):
+        validate(_mutated(c, "quant.max_bits", 4))
+    with pytest.raises(ConfigError, match=r"quant\.pinned_bits"):
+        validate(_mutated(_mutated(smoke_config, "quant.max_bits", 6), "quant.uniform", []))
+    with pytest.raises(ConfigError, match=r"quant\.uniform\.1: W2A2"):
+        validate(_mutated(_mutated(smoke_config, "quant.min_bits", 3), "quant.uniform", ["W8A8", "W2A2"]))
+    # an unpinned policy may use any pinned_bits value
+    validate(_mutated(_mutated(_mutated(smoke_config, "quant.max_bits", 6), "quant.uniform", []),
+                      "quant.pin_first_last", False))
+    validate(_mutated(smoke_config, "finetune.epochs", 0))  # post-training quantization
+
+
 def test_smoke_profile_is_the_same_dag_scaled_down(paper_config, smoke_config):
     assert smoke_config["profile"] == "smoke" and smoke_config["device"] == "cpu"
     assert smoke_config["data"] == paper_config["data"]  # same real data and subsets
     assert smoke_config["model"] == paper_config["model"]
     assert smoke_config["certify"]["alpha"] == paper_config["certify"]["alpha"]
+    assert smoke_config["quant"]["uniform"] == paper_config["quant"]["uniform"]  # the uniform arm runs in smoke too
 
 
 def _mutated(base, path, value=None, delete=False):

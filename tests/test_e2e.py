@@ -60,10 +60,14 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "1", timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts == {"all": 1, "certify_fp32": 3, "prepare_data": 1, "report": 1, "train_base": 3, "total": 9}
+    # FP32 arm per σ, plus W8A8 and W4A4 (one policy each, shared by the σ) finetuned and certified per σ
+    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "finetune": 6, "certify": 9,
+                      "report": 1, "total": 23}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
-        assert f"results/paper/certify/fp32_sigma{sigma}.tsv" in out
+        for method in ("fp32", "uniform_w8a8", "uniform_w4a4"):
+            assert f"results/paper/certify/{method}_sigma{sigma}.tsv" in out
+    assert "results/paper/policies/uniform_w4a4.json" in out
 
 
 def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
@@ -72,7 +76,8 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train_base"] == 1 and counts["certify_fp32"] == 1 and counts["total"] == 5
+    assert counts["train_base"] == 1 and counts["finetune"] == 2 and counts["certify"] == 3
+    assert counts["total"] == 10
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
@@ -117,7 +122,11 @@ def test_smoke_report_and_figures(smoke_run):
     assert md.read_text().startswith("# Certification results (profile smoke)")
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("method,sigma,")
-    assert len(lines) == 2 and lines[1].startswith("fp32,0.25,")
+    assert len(lines) == 4
+    assert [l.split(",")[0] for l in lines[1:]] == ["fp32", "uniform_w8a8", "uniform_w4a4"]  # by BitOps, FP32 first
+    header = lines[0].split(",")
+    bitops = [float(l.split(",")[header.index("bitops_pct")]) for l in lines[1:]]
+    assert bitops[0] == 100.0 and bitops[1] == 6.25 and 1.5 < bitops[2] < 1.7
     for name, magic in (("certified_accuracy.png", b"\x89PNG"), ("certified_accuracy.pdf", b"%PDF")):
         fig = workdir / "figures" / "smoke" / name
         assert fig.stat().st_size > 1000 and fig.read_bytes().startswith(magic)
@@ -180,3 +189,25 @@ def test_smoke_certificates_are_not_saturated(smoke_run):
     radii = [float(l.split("\t")[3]) for l in tsv.read_text().splitlines()[1:]]
     at_max = sum(abs(r - summary["max_certifiable_radius"]) < 1e-3 for r in radii)
     assert at_max < len(radii), "every image was certified at the maximum radius with unanimous votes"
+
+
+@pytest.mark.e2e
+def test_smoke_uniform_arm(smoke_run):
+    """Policies, quantized checkpoints that carry them, finetune logs, and quantized certification."""
+    from arq import models
+
+    workdir, cfg = _check_ran(smoke_run)
+    results = workdir / "results" / "smoke"
+    for method, bits in (("uniform_w8a8", 8), ("uniform_w4a4", 4)):
+        policy = json.loads((results / "policies" / f"{method}.json").read_text())
+        assert policy["architecture"] == "resnet20" and policy["produced_by"] == f"uniform W{bits}A{bits}"
+        assert policy["layers"]["layer2.0.conv1"] == {"w_bits": bits, "a_bits": bits}
+        assert policy["layers"]["conv1"] == {"w_bits": 8, "a_bits": 8}  # pinned
+        d = results / "models" / f"{method}_sigma0.25"
+        model, meta = models.load_checkpoint(d / "model.pt", "resnet20")
+        assert meta["policy"]["layers"] == policy["layers"] and meta["method"] == method
+        assert model.layer2[0].conv1.w_bits == bits and model.layer2[0].conv1.act.calibrated
+        assert len((d / "finetune.csv").read_text().splitlines()) == 1 + cfg["finetune"]["epochs"]
+        summary = json.loads((results / "certify" / f"{method}_sigma0.25.json").read_text())
+        assert summary["method"] == method and summary["bitops_pct"] == policy["bitops_pct"]
+        assert SUMMARY_KEYS <= set(summary) and summary["images"] == cfg["certify"]["max_images"]

@@ -136,7 +136,7 @@ def test_report_run_writes_table_and_figures(results, tmp_path, smoke_config, mo
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
     # curves are labelled by their own TSV, in table order
-    assert seen == [[("fp32 σ=0.25", tsvs[1]), ("fp32 σ=0.5", tsvs[0])]]
+    assert seen == [[("σ = 0.25", [("fp32 (100% BitOps)", tsvs[1])]), ("σ = 0.5", [("fp32 (100% BitOps)", tsvs[0])])]]
 
 
 def test_report_requires_one_tsv_per_summary(results, tmp_path, smoke_config):

@@ -29,8 +29,22 @@ _resolved = yaml.safe_dump(config, sort_keys=False)
 if not os.path.exists(RESOLVED_CONFIG) or open(RESOLVED_CONFIG).read() != _resolved:
     write_text(RESOLVED_CONFIG, _resolved)
 
+# Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
+QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
+METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]]
+
 wildcard_constraints:
     sigma=r"[0-9]+\.[0-9]+",
+    method=rf"fp32|{QUANT_METHOD}",
+    w=r"[2-8]",
+    a=r"[2-8]",
+
+
+def policy_path(wildcards):
+    """Uniform policies do not depend on σ; searched ones are found per σ."""
+    if wildcards.method.startswith("uniform_"):
+        return f"{RESULTS}/policies/{wildcards.method}.json"
+    return f"{RESULTS}/policies/{wildcards.method}_sigma{wildcards.sigma}.json"
 
 
 def stage_resources(stage):

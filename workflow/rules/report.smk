@@ -1,7 +1,7 @@
 rule report:
     input:
-        summaries=expand(f"{RESULTS}/certify/fp32_sigma{{sigma}}.json", sigma=SIGMAS),
-        tsvs=expand(f"{RESULTS}/certify/fp32_sigma{{sigma}}.tsv", sigma=SIGMAS),
+        summaries=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.json", sigma=SIGMAS, method=METHODS),
+        tsvs=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.tsv", sigma=SIGMAS, method=METHODS),
     output:
         table_md=f"{RESULTS}/report/table.md",
         table_csv=f"{RESULTS}/report/table.csv",
