@@ -77,7 +77,7 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
     assert counts["train_base"] == 1 and counts["finetune"] == 2 and counts["certify"] == 3
-    assert counts["total"] == 10
+    assert counts["total"] == 11  # + prepare_data, uniform ×2, report, all
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
