@@ -13,9 +13,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/quant.smk"
 include: "workflow/rules/certify.smk"
+include: "workflow/rules/irs.smk"
 include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         rules.report.output,
+        IRS_OUTPUTS,

@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--method", default="fp32")
 
+    p = sub.add_parser("irs-cache", help="certify the FP32 model once on the val subset and cache it for IRS")
+    _common(p)
+    p.add_argument("--model", required=True, help="FP32 checkpoint")
+    p.add_argument("--out", required=True, help="cache file")
+    p.add_argument("--summary", required=True, help="JSON summary")
+
+    p = sub.add_parser("certify-incremental", help="IRS certification of a quantized model against its FP32 cache")
+    _common(p)
+    p.add_argument("--model", required=True, help="quantized checkpoint (records its FP32 base)")
+    p.add_argument("--cache", required=True, help="IRS cache of that FP32 base")
+    p.add_argument("--out", required=True, help="TSV (Cohen's columns plus zeta and branch)")
+    p.add_argument("--summary", required=True, help="JSON summary")
+    p.add_argument("--method", required=True)
+
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
@@ -117,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from arq.data import DataError, load_prepared
     from arq.models import CheckpointError
 
+    from arq.irs import CacheError
     from arq.policy import PolicyError
 
     args = build_parser().parse_args(argv)
@@ -171,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
             s = run_certify(config, args.model, data, args.out, args.summary, device, args.method)
             print(f"σ={s['sigma']}: clean {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  abstain {s['abstain_rate']:.3f}  "
                   f"{s['samples_per_s']:.0f} samples/s")
+        elif args.command == "irs-cache":
+            from arq.irs import run_cache
+
+            s = run_cache(config, args.model, data, args.out, args.summary, device)
+            print(f"σ={s['sigma']}: cached {s['images']} val images, ACR {s['acr']:.3f}, "
+                  f"{s['samples_per_s']:.0f} samples/s")
+        elif args.command == "certify-incremental":
+            from arq.irs import run_incremental
+
+            s = run_incremental(config, args.model, args.cache, data, args.out, args.summary, device, args.method)
+            print(f"{args.method} σ={s['sigma']}: ACR {s['acr']:.3f} (FP32 {s['fp32_acr']:.3f}), branches "
+                  f"{s['branches']}, {s['seconds_certifying']:.1f} s")
         elif args.command == "predict":
             from arq.smoothing import run_predict
 
@@ -178,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.alpha or config["certify"]["alpha"], device)
             print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
         return 0
-    except (cfg.ConfigError, DataError, CheckpointError, PolicyError) as exc:
+    except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -50,6 +50,9 @@ def validate(config: dict) -> dict:
         w, a = (int(b) for b in tag[1:].split("A"))
         if not (lo <= w <= hi and lo <= a <= hi):
             raise ConfigError(f"invalid configuration:\n  quant.uniform.{i}: {tag} has bits outside {lo}..{hi}")
+    if config["irs"]["n"] % config["irs"]["chunk"]:
+        raise ConfigError("invalid configuration:\n  irs.n: must be a multiple of irs.chunk "
+                          f"({config['irs']['n']} is not a multiple of {config['irs']['chunk']})")
     return config
 
 

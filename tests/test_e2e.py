@@ -61,8 +61,9 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
     # FP32 arm per σ, plus W8A8 and W4A4 (one policy each, shared by the σ) finetuned and certified per σ
+    # and IRS: one FP32 cache per σ, each quantized model certified incrementally against it
     assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "finetune": 6, "certify": 9,
-                      "report": 1, "total": 23}
+                      "irs_cache": 3, "certify_incremental": 6, "report": 1, "total": 32}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
         for method in ("fp32", "uniform_w8a8", "uniform_w4a4"):
@@ -77,7 +78,8 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
     assert counts["train_base"] == 1 and counts["finetune"] == 2 and counts["certify"] == 3
-    assert counts["total"] == 11  # + prepare_data, uniform ×2, report, all
+    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 2
+    assert counts["total"] == 14  # + prepare_data, uniform ×2, report, all
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
@@ -211,3 +213,22 @@ def test_smoke_uniform_arm(smoke_run):
         summary = json.loads((results / "certify" / f"{method}_sigma0.25.json").read_text())
         assert summary["method"] == method and summary["bitops_pct"] == policy["bitops_pct"]
         assert SUMMARY_KEYS <= set(summary) and summary["images"] == cfg["certify"]["max_images"]
+
+
+@pytest.mark.e2e
+def test_smoke_incremental_certification(smoke_run):
+    """The FP32 cache on the val subset and IRS certificates of both quantized models against it."""
+    workdir, cfg = _check_ran(smoke_run)
+    irs_dir = workdir / "results" / "smoke" / "irs"
+    ic = cfg["irs"]
+    cache = json.loads((irs_dir / "cache_sigma0.25.json").read_text())
+    assert cache["images"] == ic["images"] and cache["n"] == ic["n"]
+    for method in ("uniform_w8a8", "uniform_w4a4"):
+        s = json.loads((irs_dir / f"{method}_sigma0.25.json").read_text())
+        assert s["method"] == method and s["images"] == ic["images"]
+        assert s["confidence"] == pytest.approx(1 - (ic["alpha"] + ic["alpha_zeta"]))
+        assert sum(s["branches"].values()) == ic["images"]
+        assert s["fp32_acr"] == pytest.approx(cache["acr"])
+        lines = (irs_dir / f"{method}_sigma0.25.tsv").read_text().splitlines()
+        assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "zeta", "branch", "time"]
+        assert len(lines) == 1 + ic["images"]

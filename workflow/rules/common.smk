@@ -32,6 +32,8 @@ if not os.path.exists(RESOLVED_CONFIG) or open(RESOLVED_CONFIG).read() != _resol
 # Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
 METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]]
+# Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
+IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
 
 wildcard_constraints:
     sigma=r"[0-9]+\.[0-9]+",

@@ -1,0 +1,292 @@
+"""Incremental randomized smoothing (Ugare et al., ICLR 2024): certify a modified network against a cache.
+
+The FP32 network f is certified once (Cohen's CERTIFY) on a subset; the cache keeps, per image, the selected
+class c_A, the lower bound p_A, and f's prediction on every estimation sample. The noise is never stored: it
+is regenerated from (seed, image index, chunk) — chunks of a fixed size, each from its own generator — so a
+modified network f_p sees bit-identical noise on the same device and dtype.
+
+For f_p, the disagreement ζ = one-sided Clopper–Pearson upper bound (level α_ζ) of P[f(x+ε) ≠ f_p(x+ε)] is
+estimated on the first n_p replayed samples, and the radius is σΦ⁻¹(p_A − ζ) when p_A < γ. When p_A ≥ γ the
+bound on p_A brings little, so f_p is certified afresh on n_p fresh samples at level α+α_ζ. Either way the
+certificate holds with confidence 1 − (α + α_ζ), which every result records.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from arq.io import torch_save
+from arq.smoothing import ABSTAIN, certified_radius, lower_confidence_bound, upper_confidence_bound
+
+FORMAT = "arq-irs-cache/1"
+SELECTION_STREAM = 0  # stream ids: 0 = selection (n0), 1.. = estimation chunks, FRESH_BASE.. = fresh samples
+FRESH_BASE = 1 << 20
+
+
+class CacheError(RuntimeError):
+    """An IRS cache that is unreadable or belongs to another model, dataset, device or dtype."""
+
+
+def noise_seed(seed: int, idx: int, stream: int) -> int:
+    return ((seed * 1_000_003 + idx) * 1_000_033 + stream) % (1 << 63)
+
+
+def noise(shape: tuple[int, ...], sigma: float, seed: int, idx: int, streams: range, chunk: int,
+          device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, σ²) noise for ``len(streams)`` chunks of ``chunk`` samples, each chunk from its own generator."""
+    parts = []
+    for s in streams:
+        gen = torch.Generator(device=device).manual_seed(noise_seed(seed, idx, s))
+        parts.append(torch.randn((chunk, *shape), generator=gen, device=device, dtype=dtype))
+    return torch.cat(parts).mul_(sigma)
+
+
+@torch.inference_mode()
+def predictions(model: nn.Module, x: torch.Tensor, sigma: float, seed: int, idx: int, first_stream: int,
+                num: int, chunk: int, chunks_per_batch: int, channels_last: bool = False) -> torch.Tensor:
+    """f(x + ε) for ``num`` samples of streams first_stream, first_stream+1, …; int64 on the model's device."""
+    device = next(model.parameters()).device
+    x = x.to(device)
+    n_chunks = -(-num // chunk)
+    out = []
+    for c0 in range(0, n_chunks, chunks_per_batch):
+        streams = range(first_stream + c0, first_stream + min(c0 + chunks_per_batch, n_chunks))
+        batch = noise(tuple(x.shape), sigma, seed, idx, streams, chunk, device).add_(x)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        out.append(model(batch).argmax(1))
+    return torch.cat(out)[:num]
+
+
+@dataclass
+class Cache:
+    """Per-image certificate of f plus f's per-sample predictions (uint8, one byte per sample)."""
+
+    meta: dict  # sigma, n0, n, alpha, seed, chunk, model/data hashes, device, dtype, num_classes
+    idx: torch.Tensor  # dataset index of each image (int64)
+    labels: torch.Tensor
+    top: torch.Tensor  # c_A, or ABSTAIN
+    p_lower: torch.Tensor  # float64
+    preds: torch.Tensor  # uint8 [images, n]
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        torch_save({"format": FORMAT, "meta": self.meta, "idx": self.idx, "labels": self.labels, "top": self.top,
+                    "p_lower": self.p_lower, "preds": self.preds, "seconds": self.seconds, "extra": self.extra},
+                   path)
+
+    @classmethod
+    def load(cls, path: str | Path, expect: dict | None = None) -> "Cache":
+        """Read a cache; with ``expect``, refuse one whose metadata differs on any of those keys."""
+        path = Path(path)
+        if not path.exists():
+            raise CacheError(f"IRS cache not found: {path}")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CacheError(f"cannot read IRS cache {path}: {exc}") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CacheError(f"{path} is not an IRS cache ({FORMAT})")
+        for key, want in (expect or {}).items():
+            have = d["meta"].get(key)
+            if have != want:
+                raise CacheError(f"IRS cache {path} was made with {key} = {have!r}, but this run has {want!r}; "
+                                 "rebuild the cache (irs_cache stage) for this model and dataset")
+        return cls(d["meta"], d["idx"], d["labels"], d["top"], d["p_lower"], d["preds"], d["seconds"], d["extra"])
+
+
+def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], sigma: float, n0: int, n: int,
+                alpha: float, seed: int, chunk: int, chunks_per_batch: int, meta: dict,
+                progress: Callable | None = None) -> Cache:
+    """Certify f on every image (Cohen's CERTIFY with replayable noise) and keep its per-sample predictions."""
+    if n % chunk:
+        raise ValueError(f"n = {n} must be a multiple of the noise chunk {chunk}")
+    model.eval()
+    device = next(model.parameters()).device
+    num_classes = None
+    top, p_lower, preds = [], [], []
+    iterator = range(len(idx)) if progress is None else progress(range(len(idx)), total=len(idx), initial=0)
+    t0 = time.perf_counter()
+    for i in iterator:
+        sel = predictions(model, x[i], sigma, seed, int(idx[i]), SELECTION_STREAM, n0, n0, 1)
+        c_hat = int(torch.bincount(sel).argmax())
+        est = predictions(model, x[i], sigma, seed, int(idx[i]), 1, n, chunk, chunks_per_batch)
+        if num_classes is None:
+            with torch.inference_mode():
+                num_classes = int(model(x[i:i + 1].to(device)).shape[1])
+            if num_classes > 256:
+                raise ValueError("the cache stores predictions as uint8: at most 256 classes")
+        count = int((est == c_hat).sum())
+        pl = lower_confidence_bound(count, n, alpha)
+        top.append(c_hat if pl > 0.5 else ABSTAIN)
+        p_lower.append(pl)
+        preds.append(est.to(torch.uint8).cpu())
+    seconds = time.perf_counter() - t0
+    meta = {**meta, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "chunk": chunk,
+            "num_classes": num_classes, "device": device.type,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    return Cache(meta, torch.tensor([int(i) for i in idx]), torch.as_tensor(y).long().cpu(), torch.tensor(top),
+                 torch.tensor(p_lower, dtype=torch.float64), torch.stack(preds), seconds)
+
+
+@dataclass(frozen=True)
+class IncrementalCertificate:
+    prediction: int  # ABSTAIN when no certificate
+    radius: float
+    p_lower: float  # the bound the radius comes from (p_A − ζ, or the fresh bound)
+    zeta: float  # NaN on the fresh branch
+    disagreements: int  # -1 on the fresh branch
+    branch: str  # "irs" | "fresh" | "abstain-cached"
+    confidence: float  # 1 − (α + α_ζ)
+
+
+def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
+                chunks_per_batch: int, channels_last: bool = False) -> IncrementalCertificate:
+    """IRS-CERTIFY of the modified ``model`` on cached image i (x is that image in [0,1])."""
+    m = cache.meta
+    alpha, sigma, chunk = m["alpha"], m["sigma"], m["chunk"]
+    confidence = 1.0 - (alpha + alpha_zeta)
+    c_a, p_a = int(cache.top[i]), float(cache.p_lower[i])
+    if c_a == ABSTAIN:  # f itself was not certified: there is no bound to carry over
+        return IncrementalCertificate(ABSTAIN, 0.0, p_a, float("nan"), -1, "abstain-cached", confidence)
+    idx = int(cache.idx[i])
+    if p_a < gamma:
+        if n_p > m["n"]:
+            raise ValueError(f"n_p = {n_p} exceeds the {m['n']} cached samples per image")
+        pred = predictions(model, x, sigma, m["seed"], idx, 1, n_p, chunk, chunks_per_batch, channels_last)
+        d = int((pred.cpu() != cache.preds[i, :n_p].long()).sum())
+        zeta = upper_confidence_bound(d, n_p, alpha_zeta)
+        pl = p_a - zeta
+        if pl > 0.5:
+            return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, zeta, d, "irs", confidence)
+        return IncrementalCertificate(ABSTAIN, 0.0, pl, zeta, d, "irs", confidence)
+    pred = predictions(model, x, sigma, m["seed"], idx, FRESH_BASE, n_p, chunk, chunks_per_batch, channels_last)
+    pl = lower_confidence_bound(int((pred == c_a).sum()), n_p, alpha + alpha_zeta)
+    if pl > 0.5:
+        return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, float("nan"), -1, "fresh", confidence)
+    return IncrementalCertificate(ABSTAIN, 0.0, pl, float("nan"), -1, "fresh", confidence)
+
+
+def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
+                        chunks_per_batch: int, channels_last: bool = False,
+                        progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
+    """IRS-CERTIFY every cached image; ``x[i]`` must be the image of ``cache.idx[i]``. Returns results, seconds."""
+    if len(x) != len(cache.idx):
+        raise CacheError(f"{len(x)} images given for a cache of {len(cache.idx)}")
+    model.eval()
+    iterator = range(len(x)) if progress is None else progress(range(len(x)), total=len(x), initial=0)
+    t0 = time.perf_counter()
+    results = [certify_one(model, cache, i, x[i], n_p, alpha_zeta, gamma, chunks_per_batch, channels_last)
+               for i in iterator]
+    return results, time.perf_counter() - t0
+
+
+def acr(results: list, labels: torch.Tensor) -> float:
+    """Average certified radius: mean of radius · [prediction correct] (abstain counts 0)."""
+    return sum(r.radius * (r.prediction == int(y)) for r, y in zip(results, labels)) / max(len(results), 1)
+
+
+def cached_acr(cache: Cache) -> float:
+    """ACR of f itself from its cached certificates (the reference an ARQ reward is measured against)."""
+    total = 0.0
+    for top, pl, y in zip(cache.top.tolist(), cache.p_lower.tolist(), cache.labels.tolist()):
+        if top != ABSTAIN and top == y:
+            total += certified_radius(cache.meta["sigma"], pl)
+    return total / max(len(cache.top), 1)
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+IRS_TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "zeta", "branch", "time")
+
+
+def _val_subset(data, images: int | None):
+    from arq.smoothing import subset_positions, to_unit
+
+    pos = subset_positions(len(data.val), images)
+    return pos, to_unit(data.val.x[pos]), data.val.y[pos]
+
+
+def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summary_json: str | Path,
+              device: torch.device) -> dict:
+    """The irs_cache stage: certify the FP32 model on the val subset once, keep what IRS replays."""
+    from arq import models
+    from arq.io import provenance, sha256_file, write_json
+    from arq.smoothing import _progress
+
+    start = time.perf_counter()
+    ic = config["irs"]
+    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    if "policy" in meta:
+        raise models.CheckpointError(f"{model_path} is quantized; the IRS cache is built from the FP32 model")
+    model.to(device)
+    sigma = float(meta["sigma"])
+    pos, x, y = _val_subset(data, ic["images"])
+    cache = build_cache(model, x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"], ic["seed"], ic["chunk"],
+                        ic["chunks_per_batch"],
+                        {"model_sha256": sha256_file(model_path), "data_sha256": data.manifest["file_sha256"],
+                         "arch": config["model"]["arch"], "split": "val"},
+                        _progress(f"irs cache σ={sigma}"))
+    cache.save(out)
+    certified = cache.top != ABSTAIN
+    summary = {"sigma": sigma, "images": len(pos), "n0": ic["n0"], "n": ic["n"], "alpha": ic["alpha"],
+               "acr": cached_acr(cache), "clean_accuracy": float((cache.top == cache.labels).float().mean()),
+               "abstain_rate": float((~certified).float().mean()),
+               "mean_p_lower": float(cache.p_lower[certified].mean()) if certified.any() else None,
+               "cache_megabytes": round(cache.preds.numel() / 1e6, 3),
+               "samples_per_s": round(len(pos) * (ic["n0"] + ic["n"]) / cache.seconds, 1),
+               **provenance(config, device, time.perf_counter() - start)}
+    write_json(summary_json, summary)
+    return summary
+
+
+def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path, data, out_tsv: str | Path,
+                    summary_json: str | Path, device: torch.device, method: str) -> dict:
+    """Certify a quantized checkpoint incrementally against the cache of the FP32 model it was made from."""
+    import datetime
+
+    from arq import models
+    from arq.io import provenance, write_json, write_text
+    from arq.smoothing import _progress, summarize
+
+    start = time.perf_counter()
+    ic = config["irs"]
+    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    if "base_sha256" not in meta:
+        raise models.CheckpointError(f"{model_path} records no FP32 base model; IRS needs the cache of its base")
+    model.to(device)
+    cache = Cache.load(cache_path, {"model_sha256": meta["base_sha256"], "data_sha256": data.manifest["file_sha256"],
+                                    "device": device.type, "dtype": "float32"})
+    if abs(cache.meta["sigma"] - float(meta["sigma"])) > 1e-12:
+        raise CacheError(f"{cache_path} is for σ={cache.meta['sigma']}, the model for σ={meta['sigma']}")
+    pos = cache.idx  # cached dataset indices are val positions (the cache's split)
+    x = data.val.x[pos].float().div(255)
+    results, seconds = certify_incremental(model, cache, x, ic["n_p"], ic["alpha_zeta"], ic["gamma"],
+                                           ic["chunks_per_batch"], device.type == "cuda",
+                                           _progress(f"irs {method} σ={cache.meta['sigma']}"))
+    per_image = seconds / max(len(results), 1)
+    rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": f"{r.radius:.6g}",
+             "correct": int(r.prediction == int(y)), "zeta": f"{r.zeta:.6g}", "branch": r.branch,
+             "time": str(datetime.timedelta(seconds=per_image))}
+            for i, y, r in zip(cache.idx.tolist(), cache.labels.tolist(), results)]
+    write_text(out_tsv, "\t".join(IRS_TSV_COLUMNS) + "\n" +
+               "".join("\t".join(str(r[c]) for c in IRS_TSV_COLUMNS) + "\n" for r in rows))
+    branches = {b: sum(r.branch == b for r in results) for b in ("irs", "fresh", "abstain-cached")}
+    zetas = [r.zeta for r in results if r.branch == "irs"]
+    summary = {"method": method, "sigma": cache.meta["sigma"], "split": "val",
+               "bitops_pct": float(meta["policy"]["bitops_pct"]) if "policy" in meta else 100.0,
+               "n_p": ic["n_p"], "alpha": cache.meta["alpha"], "alpha_zeta": ic["alpha_zeta"], "gamma": ic["gamma"],
+               "confidence": 1 - (cache.meta["alpha"] + ic["alpha_zeta"]),
+               **summarize(rows, config["report"]["radii"]),
+               "fp32_acr": cached_acr(cache), "branches": branches,
+               "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
+               "seconds_certifying": round(seconds, 3),
+               **provenance(config, device, time.perf_counter() - start)}
+    write_json(summary_json, summary)
+    return summary

@@ -1,0 +1,43 @@
+rule irs_cache:
+    input:
+        model=f"{RESULTS}/models/fp32_sigma{{sigma}}/model.pt",
+        data=rules.prepare_data.output.data,
+        manifest=rules.prepare_data.output.manifest,
+    output:
+        cache=f"{RESULTS}/irs/cache_sigma{{sigma}}.pt",
+        summary=f"{RESULTS}/irs/cache_sigma{{sigma}}.json",
+    params:
+        settings={"irs": config["irs"]},
+    log:
+        f"{LOGS}/irs_cache/sigma{{sigma}}.log",
+    threads: config["resources"]["irs"]["threads"]
+    resources:
+        **stage_resources("irs"),
+    shell:
+        "{ARQ} irs-cache --config {RESOLVED_CONFIG} --threads {threads} --model {input.model} "
+        "--data {input.data} --manifest {input.manifest} --out {output.cache} --summary {output.summary} "
+        "> {log} 2>&1"
+
+
+rule certify_incremental:
+    input:
+        model=f"{RESULTS}/models/{{method}}_sigma{{sigma}}/model.pt",
+        cache=rules.irs_cache.output.cache,
+        data=rules.prepare_data.output.data,
+        manifest=rules.prepare_data.output.manifest,
+    output:
+        tsv=f"{RESULTS}/irs/{{method}}_sigma{{sigma}}.tsv",
+        summary=f"{RESULTS}/irs/{{method}}_sigma{{sigma}}.json",
+    wildcard_constraints:
+        method=QUANT_METHOD,
+    params:
+        settings={"irs": config["irs"], "radii": config["report"]["radii"]},
+    log:
+        f"{LOGS}/certify_incremental/{{method}}_sigma{{sigma}}.log",
+    threads: config["resources"]["irs"]["threads"]
+    resources:
+        **stage_resources("irs"),
+    shell:
+        "{ARQ} certify-incremental --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.method} "
+        "--model {input.model} --cache {input.cache} --data {input.data} --manifest {input.manifest} "
+        "--out {output.tsv} --summary {output.summary} > {log} 2>&1"
