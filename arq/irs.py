@@ -12,6 +12,7 @@ certificate holds with confidence 1 − (α + α_ζ), which every result records
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from arq.smoothing import ABSTAIN, certified_radius, lower_confidence_bound, upp
 FORMAT = "arq-irs-cache/1"
 SELECTION_STREAM = 0  # stream ids: 0 = selection (n0), 1.. = estimation chunks, FRESH_BASE.. = fresh samples
 FRESH_BASE = 1 << 20
+NOISE_SCHEME = "blake2b-seed-per-chunk/1"  # recorded in the cache: a replay must regenerate noise the same way
 
 
 class CacheError(RuntimeError):
@@ -33,7 +35,9 @@ class CacheError(RuntimeError):
 
 
 def noise_seed(seed: int, idx: int, stream: int) -> int:
-    return ((seed * 1_000_003 + idx) * 1_000_033 + stream) % (1 << 63)
+    """A 63-bit generator seed per (seed, image, stream); hashed, so no two triples share a generator."""
+    digest = hashlib.blake2b(f"{seed}:{idx}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def noise(shape: tuple[int, ...], sigma: float, seed: int, idx: int, streams: range, chunk: int,
@@ -128,7 +132,8 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
         p_lower.append(pl)
         preds.append(est.to(torch.uint8).cpu())
     seconds = time.perf_counter() - t0
-    meta = {**meta, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "chunk": chunk,
+    meta = {**meta, "noise_scheme": NOISE_SCHEME, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed,
+            "chunk": chunk,
             "num_classes": num_classes, "device": device.type,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     return Cache(meta, torch.tensor([int(i) for i in idx]), torch.as_tensor(y).long().cpu(), torch.tensor(top),
@@ -262,7 +267,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
         raise models.CheckpointError(f"{model_path} records no FP32 base model; IRS needs the cache of its base")
     model.to(device)
     cache = Cache.load(cache_path, {"model_sha256": meta["base_sha256"], "data_sha256": data.manifest["file_sha256"],
-                                    "device": device.type, "dtype": "float32"})
+                                    "device": device.type, "dtype": "float32", "noise_scheme": NOISE_SCHEME})
     if abs(cache.meta["sigma"] - float(meta["sigma"])) > 1e-12:
         raise CacheError(f"{cache_path} is for σ={cache.meta['sigma']}, the model for σ={meta['sigma']}")
     pos = cache.idx  # cached dataset indices are val positions (the cache's split)
