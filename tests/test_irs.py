@@ -18,6 +18,7 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
+from arq import irs as irs_module
 from arq.irs import (FORMAT, FRESH_BASE, SELECTION_STREAM, Cache, CacheError, IncrementalCertificate, acr,
                      build_cache, cached_acr, certify_incremental, certify_one, noise, noise_seed, predictions)
 from arq.smoothing import ABSTAIN, certified_radius, lower_confidence_bound, upper_confidence_bound
@@ -365,7 +366,8 @@ def test_build_cache_records_its_parameters():
     x = _images([0.0, 0.5])
     cache = _cache(LinearBinary(_bias(0.9)), x, n0=20, n=300, alpha=0.02, seed=8, chunk=100,
                    meta={"model_sha256": "abc", "split": "val"})
-    assert cache.meta == {"model_sha256": "abc", "split": "val", "sigma": SIGMA, "n0": 20, "n": 300,
+    assert cache.meta == {"model_sha256": "abc", "split": "val", "noise_scheme": irs_module.NOISE_SCHEME,
+                          "sigma": SIGMA, "n0": 20, "n": 300,
                           "alpha": 0.02, "seed": 8, "chunk": 100, "num_classes": 2, "device": "cpu",
                           "dtype": "float32"}
     assert cache.p_lower.dtype == torch.float64 and cache.labels.dtype == torch.int64
