@@ -130,3 +130,15 @@ def tiny_source(tmp_path, monkeypatch) -> TinySource:
     monkeypatch.setattr("arq.data.TRAIN_SIZE", n_train)
     monkeypatch.setattr("arq.data.TEST_SIZE", n_test)
     return src
+
+
+@pytest.fixture
+def tiny_data():
+    """A random uint8 'CIFAR' of 64 train / 32 val images, for training and finetune loops that must be fast."""
+    from arq.data import Prepared, Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    return Prepared(train=Split(x[:64], y[:64]), val=Split(x[64:], y[64:]), cert=Split(x[:4], y[:4]),
+                    cert_idx=torch.arange(4), manifest={"file_sha256": "ab" * 32})

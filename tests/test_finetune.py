@@ -10,7 +10,6 @@ import torch
 
 from arq import cost, models, policy, quant
 from arq.config import load as load_config
-from arq.data import Prepared, Split
 from arq.models import CheckpointError
 from arq.train import finetune
 
@@ -22,15 +21,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 class Interrupt(Exception):
     pass
-
-
-@pytest.fixture
-def tiny_data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (96,), generator=g)
-    return Prepared(train=Split(x[:64], y[:64]), val=Split(x[64:], y[64:]), cert=Split(x[:4], y[:4]),
-                    cert_idx=torch.arange(4), manifest={"file_sha256": "ab" * 32})
 
 
 @pytest.fixture

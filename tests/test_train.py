@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from arq import models
-from arq.data import Prepared, Split
+from arq.data import Split
 from arq.io import torch_save
 from arq.train import augment, noisy_accuracy, train
 
@@ -70,15 +70,6 @@ def test_noisy_accuracy_of_a_constant_model():
 
 
 # ----------------------------------------------------------------------------------------------- resumption
-
-@pytest.fixture
-def tiny_data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (96,), generator=g)
-    return Prepared(train=Split(x[:64], y[:64]), val=Split(x[64:], y[64:]), cert=Split(x[:4], y[:4]),
-                    cert_idx=torch.arange(4), manifest={"file_sha256": "ab" * 32})
-
 
 @pytest.fixture
 def tiny_config(smoke_config):
