@@ -94,18 +94,18 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCost]:
 
 
 def _pause_activation_quantizers(model: nn.Module) -> list:
-    """Tracing only needs shapes; let uncalibrated quantized layers pass activations through meanwhile."""
+    """Tracing only needs shapes; let (possibly uncalibrated) quantized layers pass activations through."""
     from arq.quant import quantized_layers
 
     acts = [layer.act for layer in quantized_layers(model).values()]
     for a in acts:
-        a.start_observing()
+        a.bypass = True
     return acts
 
 
 def _resume_activation_quantizers(acts: list) -> None:
     for a in acts:
-        a._observed = None
+        a.bypass = False
 
 
 def total_macs(costs: list[LayerCost]) -> int:

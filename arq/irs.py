@@ -257,8 +257,8 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     import datetime
 
     from arq import models
-    from arq.io import provenance, write_json, write_text
-    from arq.smoothing import _progress, summarize
+    from arq.io import provenance, write_json
+    from arq.smoothing import _progress, summarize, write_tsv
 
     start = time.perf_counter()
     ic = config["irs"]
@@ -280,8 +280,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
              "correct": int(r.prediction == int(y)), "zeta": f"{r.zeta:.6g}", "branch": r.branch,
              "time": str(datetime.timedelta(seconds=per_image))}
             for i, y, r in zip(cache.idx.tolist(), cache.labels.tolist(), results)]
-    write_text(out_tsv, "\t".join(IRS_TSV_COLUMNS) + "\n" +
-               "".join("\t".join(str(r[c]) for c in IRS_TSV_COLUMNS) + "\n" for r in rows))
+    write_tsv(out_tsv, rows, IRS_TSV_COLUMNS)
     branches = {b: sum(r.branch == b for r in results) for b in ("irs", "fresh", "abstain-cached")}
     zetas = [r.zeta for r in results if r.branch == "irs"]
     summary = {"method": method, "sigma": cache.meta["sigma"], "split": "val",

@@ -97,6 +97,7 @@ class ActQuantizer(nn.Module):
         self.clip = nn.Parameter(torch.tensor(1.0))
         self.signed = False  # Python flags, not buffers: reading them never synchronises a GPU
         self.calibrated = False
+        self.bypass = False  # pass inputs through unchanged (shape tracing)
         self._observed: dict | None = None
 
     def extra_repr(self) -> str:
@@ -139,6 +140,8 @@ class ActQuantizer(nn.Module):
 
     # --- quantization
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if self._observed is not None:
             self.observe(x)
             return x

@@ -132,8 +132,13 @@ def _read_partial(partial: Path, meta: Path, fingerprint: dict) -> list[dict]:
     return rows
 
 
-def _format_row(row: dict) -> str:
-    return "\t".join(str(row[c]) for c in TSV_COLUMNS) + "\n"
+def _format_row(row: dict, columns: tuple[str, ...] = TSV_COLUMNS) -> str:
+    return "\t".join(str(row[c]) for c in columns) + "\n"
+
+
+def write_tsv(path: str | Path, rows: list[dict], columns: tuple[str, ...] = TSV_COLUMNS) -> None:
+    """A complete tab-separated file with a header line, written atomically."""
+    write_text(path, "\t".join(columns) + "\n" + "".join(_format_row(r, columns) for r in rows))
 
 
 def certify_dataset(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, idx: Iterable[int], n0: int, n: int,
@@ -168,7 +173,7 @@ def certify_dataset(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, idx: Itera
             f.write(_format_row(row))
             f.flush()
             rows.append(row)
-    write_text(out_tsv, "\t".join(TSV_COLUMNS) + "\n" + "".join(_format_row(r) for r in rows))
+    write_tsv(out_tsv, rows)
     partial.unlink()
     meta.unlink()
     return rows, seconds
@@ -263,5 +268,5 @@ def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path,
         rows.append({"idx": idx, "label": label, "predict": pred, "correct": int(pred == label),
                      "time": str(datetime.timedelta(seconds=time.perf_counter() - t0))})
     cols = ("idx", "label", "predict", "correct", "time")
-    write_text(out_tsv, "\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
+    write_tsv(out_tsv, rows, cols)
     return rows
