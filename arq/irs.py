@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from arq.io import torch_save
-from arq.smoothing import ABSTAIN, certified_radius, lower_confidence_bound, upper_confidence_bound
+from arq.smoothing import ABSTAIN, Engine, certified_radius, lower_confidence_bound, upper_confidence_bound
 
 FORMAT = "arq-irs-cache/1"
 SELECTION_STREAM = 0  # stream ids: 0 = selection (n0), 1.. = estimation chunks, FRESH_BASE.. = fresh samples
@@ -52,8 +52,10 @@ def noise(shape: tuple[int, ...], sigma: float, seed: int, idx: int, streams: ra
 
 @torch.inference_mode()
 def predictions(model: nn.Module, x: torch.Tensor, sigma: float, seed: int, idx: int, first_stream: int,
-                num: int, chunk: int, chunks_per_batch: int, channels_last: bool = False) -> torch.Tensor:
-    """f(x + ε) for ``num`` samples of streams first_stream, first_stream+1, …; int64 on the model's device."""
+                num: int, chunk: int, chunks_per_batch: int) -> torch.Tensor:
+    """f(x + ε) for ``num`` samples of streams first_stream, first_stream+1, …; int64 on the model's device.
+
+    The noise is always drawn in float32 whatever the engine runs, so it replays identically under any engine."""
     device = next(model.parameters()).device
     x = x.to(device)
     n_chunks = -(-num // chunk)
@@ -61,8 +63,6 @@ def predictions(model: nn.Module, x: torch.Tensor, sigma: float, seed: int, idx:
     for c0 in range(0, n_chunks, chunks_per_batch):
         streams = range(first_stream + c0, first_stream + min(c0 + chunks_per_batch, n_chunks))
         batch = noise(tuple(x.shape), sigma, seed, idx, streams, chunk, device).add_(x)
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         out.append(model(batch).argmax(1))
     return torch.cat(out)[:num]
 
@@ -71,7 +71,7 @@ def predictions(model: nn.Module, x: torch.Tensor, sigma: float, seed: int, idx:
 class Cache:
     """Per-image certificate of f plus f's per-sample predictions (uint8, one byte per sample)."""
 
-    meta: dict  # sigma, n0, n, alpha, seed, chunk, model/data hashes, device, dtype, num_classes
+    meta: dict  # sigma, n0, n, alpha, seed, chunk, model/data hashes, device, dtype, engine
     idx: torch.Tensor  # dataset index of each image (int64)
     labels: torch.Tensor
     top: torch.Tensor  # c_A, or ABSTAIN
@@ -113,7 +113,6 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
         raise ValueError(f"n = {n} must be a multiple of the noise chunk {chunk}")
     model.eval()
     device = next(model.parameters()).device
-    num_classes = None
     top, p_lower, preds = [], [], []
     iterator = range(len(idx)) if progress is None else progress(range(len(idx)), total=len(idx), initial=0)
     t0 = time.perf_counter()
@@ -121,11 +120,8 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
         sel = predictions(model, x[i], sigma, seed, int(idx[i]), SELECTION_STREAM, n0, n0, 1)
         c_hat = int(torch.bincount(sel).argmax())
         est = predictions(model, x[i], sigma, seed, int(idx[i]), 1, n, chunk, chunks_per_batch)
-        if num_classes is None:
-            with torch.inference_mode():
-                num_classes = int(model(x[i:i + 1].to(device)).shape[1])
-            if num_classes > 256:
-                raise ValueError("the cache stores predictions as uint8: at most 256 classes")
+        if int(est.max()) > 255:
+            raise ValueError("the cache stores predictions as uint8: at most 256 classes")
         count = int((est == c_hat).sum())
         pl = lower_confidence_bound(count, n, alpha)
         top.append(c_hat if pl > 0.5 else ABSTAIN)
@@ -134,7 +130,7 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
     seconds = time.perf_counter() - t0
     meta = {**meta, "noise_scheme": NOISE_SCHEME, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed,
             "chunk": chunk,
-            "num_classes": num_classes, "device": device.type,
+            "device": device.type,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     return Cache(meta, torch.tensor([int(i) for i in idx]), torch.as_tensor(y).long().cpu(), torch.tensor(top),
                  torch.tensor(p_lower, dtype=torch.float64), torch.stack(preds), seconds)
@@ -152,7 +148,7 @@ class IncrementalCertificate:
 
 
 def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
-                chunks_per_batch: int, channels_last: bool = False) -> IncrementalCertificate:
+                chunks_per_batch: int) -> IncrementalCertificate:
     """IRS-CERTIFY of the modified ``model`` on cached image i (x is that image in [0,1])."""
     m = cache.meta
     alpha, sigma, chunk = m["alpha"], m["sigma"], m["chunk"]
@@ -164,14 +160,14 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
     if p_a < gamma:
         if n_p > m["n"]:
             raise ValueError(f"n_p = {n_p} exceeds the {m['n']} cached samples per image")
-        pred = predictions(model, x, sigma, m["seed"], idx, 1, n_p, chunk, chunks_per_batch, channels_last)
+        pred = predictions(model, x, sigma, m["seed"], idx, 1, n_p, chunk, chunks_per_batch)
         d = int((pred.cpu() != cache.preds[i, :n_p].long()).sum())
         zeta = upper_confidence_bound(d, n_p, alpha_zeta)
         pl = p_a - zeta
         if pl > 0.5:
             return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, zeta, d, "irs", confidence)
         return IncrementalCertificate(ABSTAIN, 0.0, pl, zeta, d, "irs", confidence)
-    pred = predictions(model, x, sigma, m["seed"], idx, FRESH_BASE, n_p, chunk, chunks_per_batch, channels_last)
+    pred = predictions(model, x, sigma, m["seed"], idx, FRESH_BASE, n_p, chunk, chunks_per_batch)
     pl = lower_confidence_bound(int((pred == c_a).sum()), n_p, alpha + alpha_zeta)
     if pl > 0.5:
         return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, float("nan"), -1, "fresh", confidence)
@@ -179,15 +175,14 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
 
 
 def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
-                        chunks_per_batch: int, channels_last: bool = False,
-                        progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
+                        chunks_per_batch: int, progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
     """IRS-CERTIFY every cached image; ``x[i]`` must be the image of ``cache.idx[i]``. Returns results, seconds."""
     if len(x) != len(cache.idx):
         raise CacheError(f"{len(x)} images given for a cache of {len(cache.idx)}")
     model.eval()
     iterator = range(len(x)) if progress is None else progress(range(len(x)), total=len(x), initial=0)
     t0 = time.perf_counter()
-    results = [certify_one(model, cache, i, x[i], n_p, alpha_zeta, gamma, chunks_per_batch, channels_last)
+    results = [certify_one(model, cache, i, x[i], n_p, alpha_zeta, gamma, chunks_per_batch)
                for i in iterator]
     return results, time.perf_counter() - t0
 
@@ -230,13 +225,13 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
     model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
     if "policy" in meta:
         raise models.CheckpointError(f"{model_path} is quantized; the IRS cache is built from the FP32 model")
-    model.to(device)
+    engine = Engine.from_config(config)
     sigma = float(meta["sigma"])
     pos, x, y = _val_subset(data, ic["images"])
-    cache = build_cache(model, x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"], ic["seed"], ic["chunk"],
+    cache = build_cache(engine.prepare(model, device), x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"], ic["seed"], ic["chunk"],
                         ic["chunks_per_batch"],
                         {"model_sha256": sha256_file(model_path), "data_sha256": data.manifest["file_sha256"],
-                         "arch": config["model"]["arch"], "split": "val"},
+                         "arch": config["model"]["arch"], "split": "val", "engine": engine.describe()},
                         _progress(f"irs cache σ={sigma}"))
     cache.save(out)
     certified = cache.top != ABSTAIN
@@ -246,6 +241,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
                "mean_p_lower": float(cache.p_lower[certified].mean()) if certified.any() else None,
                "cache_megabytes": round(cache.preds.numel() / 1e6, 3),
                "samples_per_s": round(len(pos) * (ic["n0"] + ic["n"]) / cache.seconds, 1),
+               "engine": engine.describe(),
                **provenance(config, device, time.perf_counter() - start)}
     write_json(summary_json, summary)
     return summary
@@ -265,15 +261,15 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
     if "base_sha256" not in meta:
         raise models.CheckpointError(f"{model_path} records no FP32 base model; IRS needs the cache of its base")
-    model.to(device)
+    engine = Engine.from_config(config)
     cache = Cache.load(cache_path, {"model_sha256": meta["base_sha256"], "data_sha256": data.manifest["file_sha256"],
                                     "device": device.type, "dtype": "float32", "noise_scheme": NOISE_SCHEME})
     if abs(cache.meta["sigma"] - float(meta["sigma"])) > 1e-12:
         raise CacheError(f"{cache_path} is for σ={cache.meta['sigma']}, the model for σ={meta['sigma']}")
     pos = cache.idx  # cached dataset indices are val positions (the cache's split)
     x = data.val.x[pos].float().div(255)
-    results, seconds = certify_incremental(model, cache, x, ic["n_p"], ic["alpha_zeta"], ic["gamma"],
-                                           ic["chunks_per_batch"], device.type == "cuda",
+    results, seconds = certify_incremental(engine.prepare(model, device), cache, x, ic["n_p"], ic["alpha_zeta"],
+                                           ic["gamma"], ic["chunks_per_batch"],
                                            _progress(f"irs {method} σ={cache.meta['sigma']}"))
     per_image = seconds / max(len(results), 1)
     rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": f"{r.radius:.6g}",
@@ -290,7 +286,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
                **summarize(rows, config["report"]["radii"]),
                "fp32_acr": cached_acr(cache), "branches": branches,
                "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
-               "seconds_certifying": round(seconds, 3),
+               "seconds_certifying": round(seconds, 3), "engine": engine.describe(),
                **provenance(config, device, time.perf_counter() - start)}
     write_json(summary_json, summary)
     return summary

@@ -176,10 +176,13 @@ class _QuantLayer:
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():  # traced: frozen weights let the compiler fold this into a constant
+            return quantize_weight(w, self.w_bits)
         if torch.is_grad_enabled():
             self._wcache = None
             return quantize_weight(w, self.w_bits)
-        key = (w.data_ptr(), w._version, w.device, w.dtype, w.stride())
+        version = -1 if w.is_inference() else w._version  # inference tensors keep no version counter
+        key = (w.data_ptr(), version, w.device, w.dtype, w.stride())
         if self._wcache is None or self._wcache[0] != key:
             self._wcache = (key, quantize_weight(w, self.w_bits))
         return self._wcache[1]

@@ -11,7 +11,7 @@ import datetime
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,16 +48,75 @@ class Certificate:
     count: int  # samples (of n) that voted for the selected class
 
 
-class Smooth:
-    """The smoothed classifier g(x) = argmax_c P[f(x+ε) = c], ε ~ N(0, σ²I), around a base classifier f."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    def __init__(self, base: nn.Module, num_classes: int, sigma: float, batch_size: int = 1000,
-                 channels_last: bool = False):
+
+class Executed(nn.Module):
+    """The base network as the engine runs it: inputs in the chosen memory layout, convolutions and matrix
+    products under autocast when a reduced dtype is chosen. Logits come back as float32."""
+
+    def __init__(self, model: nn.Module, channels_last: bool, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.channels_last, self.dtype = model, channels_last, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype == torch.float32:
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the base classifier f is executed while sampling (config section ``engine``).
+
+    A certificate is a statement about the classifier *as executed*. Channels-last only changes the memory
+    layout (the arithmetic is the same up to summation order). ``compile`` (TorchInductor with frozen weights:
+    batch norm folded into the convolutions, fused kernels) and a reduced ``dtype`` change the arithmetic, so a
+    few noisy samples near a decision boundary can be classified differently than by the eager float32
+    network: the certified classifier is then that compiled or reduced-precision network, which is what the
+    summaries record (``engine``) and what must be deployed for the certificate to apply."""
+
+    channels_last: bool = True
+    compile: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"engine.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Engine":
+        return cls(**config["engine"])
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def prepare(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The executable form of ``model`` on ``device`` (eval mode; the weights are shared, not copied)."""
+        model = model.to(device).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        run = Executed(model, self.channels_last, DTYPES[self.dtype]).eval()
+        if self.compile:
+            # one graph per batch shape (a certification uses two or three); frozen weights let Inductor fold
+            # batch norm and pre-pack convolution weights
+            run = torch.compile(run, dynamic=False, options={"freezing": True})
+        return run
+
+
+class Smooth:
+    """The smoothed classifier g(x) = argmax_c P[f(x+ε) = c], ε ~ N(0, σ²I), around a base classifier f.
+
+    ``base`` is run as given; pass ``Engine.prepare(model, device)`` for the layout and numerics of choice."""
+
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float, batch_size: int = 1000):
         self.base = base.eval()
         self.num_classes = num_classes
         self.sigma = sigma
         self.batch_size = batch_size
-        self.channels_last = channels_last
 
     @property
     def device(self) -> torch.device:
@@ -73,8 +132,6 @@ class Smooth:
             b = min(self.batch_size, remaining)
             batch = x.unsqueeze(0).expand(b, *x.shape)
             batch = batch + self.sigma * torch.randn(batch.shape, generator=gen, device=self.device)
-            if self.channels_last and batch.dim() == 4:
-                batch = batch.contiguous(memory_format=torch.channels_last)
             counts += torch.bincount(self.base(batch).argmax(1), minlength=self.num_classes)
             remaining -= b
         return counts
@@ -228,14 +285,13 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     start = time.perf_counter()
     cc = config["certify"]
     model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    engine = Engine.from_config(config)
     sigma = float(meta["sigma"])
-    smooth = Smooth(model, len(data.manifest["classes"]), sigma, cc["batch_size"], device.type == "cuda")
+    smooth = Smooth(engine.prepare(model, device), len(data.manifest["classes"]), sigma, cc["batch_size"])
     pick = subset_positions(len(data.cert), cc["max_images"])
     k = len(pick)
-    fingerprint = {"model_sha256": sha256_file(model_path), "certify": cc, "data": data.manifest["file_sha256"]}
+    fingerprint = {"model_sha256": sha256_file(model_path), "certify": cc, "engine": engine.describe(),
+                   "data": data.manifest["file_sha256"]}
     rows, seconds = certify_dataset(smooth, to_unit(data.cert.x[pick]), data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
                                     cc["n"], cc["alpha"], cc["seed"], out_tsv, fingerprint,
                                     _progress(f"certify σ={sigma}"))
@@ -244,7 +300,7 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
                "alpha": cc["alpha"], **summarize(rows, config["report"]["radii"]),
                "samples_per_s": round(k * (cc["n0"] + cc["n"]) / seconds, 1),
                "max_certifiable_radius": round(max_radius(sigma, cc["n"], cc["alpha"]), 4),
-               "subset_rule": data.manifest["cert_rule"], "data_note": data.manifest.get("note", ""),
+               "engine": engine.describe(), "subset_rule": data.manifest["cert_rule"], "data_note": data.manifest.get("note", ""),
                **provenance(config, device, time.perf_counter() - start)}
     write_json(summary_json, summary)
     return summary
@@ -256,8 +312,8 @@ def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     from arq import models
 
     model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
-    smooth = Smooth(model.to(device), len(data.manifest["classes"]), float(meta["sigma"]),
-                    config["certify"]["batch_size"])
+    smooth = Smooth(Engine.from_config(config).prepare(model, device), len(data.manifest["classes"]),
+                    float(meta["sigma"]), config["certify"]["batch_size"])
     pick = subset_positions(len(data.cert), config["certify"]["max_images"]).tolist()
     rows = []
     for i in _progress("predict")(pick, total=len(pick), initial=0):

@@ -9,28 +9,16 @@ certification sampling against a plain Cohen-style loop (fp32 NCHW, predictions 
 from __future__ import annotations
 
 import argparse
-import time
+import copy
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from arq.models import build
-from arq.smoothing import Smooth
+from arq.smoothing import Engine, Smooth
 from arq.train import augment
-
-
-def timed(fn, seconds: float) -> float:
-    """Items per second of fn() (which returns how many items it processed), after one warm-up call."""
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        done += fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - t0)
+from reference import plain_counts, timed
 
 
 def main() -> None:
@@ -83,27 +71,22 @@ def main() -> None:
         return args.batch
 
     model = build("resnet20").to(dev).eval()
-    smooth = Smooth(model, 10, sigma, args.cert_batch, channels_last=dev.type == "cuda")
+    smooth = Smooth(Engine().prepare(copy.deepcopy(model), dev), 10, sigma, args.cert_batch)  # plain stays NCHW
     x0 = torch.rand(3, 32, 32, device=dev)
 
     def ours_cert() -> int:
         smooth.sample_counts(x0, args.cert_batch * 4, gen)
         return args.cert_batch * 4
 
-    @torch.inference_mode()
-    def plain_cert() -> int:  # Cohen's core.py pattern: fresh noise per batch, counts on the host
-        counts = np.zeros(10, dtype=int)
-        for _ in range(4):
-            batch = x0.repeat(args.cert_batch, 1, 1, 1)
-            pred = model(batch + torch.randn_like(batch) * sigma).argmax(1)
-            counts += np.bincount(pred.cpu().numpy(), minlength=10)
+    def plain_cert() -> int:
+        plain_counts(model, x0, args.cert_batch * 4, sigma, args.cert_batch, 10)
         return args.cert_batch * 4
 
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}")
     for name, ours, plain, unit in (("training", ours_train, plain_train, "img/s"),
                                     ("certification sampling", ours_cert, plain_cert, "samples/s")):
-        r_ours, r_plain = timed(ours, args.seconds), timed(plain, args.seconds)
+        r_ours, r_plain = timed(ours, args.seconds, dev), timed(plain, args.seconds, dev)
         print(f"{name:24s} ours {r_ours:10.0f} {unit}   plain {r_plain:10.0f} {unit}   ratio {r_ours / r_plain:.2f}×")
 
 

@@ -51,6 +51,7 @@ def _write_summary(path, sigma, table):
     s = {"method": "fp32", "sigma": sigma, "bitops_pct": 100.0, "n0": 100, "n": 100_000, "alpha": 0.001,
          **summarize(_rows(table), RADII), "samples_per_s": 1234.5,
          "max_certifiable_radius": round(max_radius(sigma, 100_000, 0.001), 4),
+         "engine": {"channels_last": True, "compile": False, "dtype": "float32"},
          "subset_rule": "every 20-th test image of the canonical order", "data_note": "synthetic",
          "profile": "unit", "config_hash": "0" * 16, "git_commit": "abc", "device": "cpu", "torch": torch.__version__,
          "wall_seconds": 12.5}

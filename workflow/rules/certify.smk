@@ -7,7 +7,7 @@ rule certify:
         tsv=f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.tsv",
         summary=f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.json",
     params:
-        settings={"certify": config["certify"], "radii": config["report"]["radii"]},
+        settings={"certify": config["certify"], "engine": config["engine"], "radii": config["report"]["radii"]},
     log:
         f"{LOGS}/certify/{{method}}_sigma{{sigma}}.log",
     threads: config["resources"]["certify"]["threads"]

@@ -7,7 +7,7 @@ rule irs_cache:
         cache=f"{RESULTS}/irs/cache_sigma{{sigma}}.pt",
         summary=f"{RESULTS}/irs/cache_sigma{{sigma}}.json",
     params:
-        settings={"irs": config["irs"]},
+        settings={"irs": config["irs"], "engine": config["engine"]},
     log:
         f"{LOGS}/irs_cache/sigma{{sigma}}.log",
     threads: config["resources"]["irs"]["threads"]
@@ -31,7 +31,7 @@ rule certify_incremental:
     wildcard_constraints:
         method=QUANT_METHOD,
     params:
-        settings={"irs": config["irs"], "radii": config["report"]["radii"]},
+        settings={"irs": config["irs"], "engine": config["engine"], "radii": config["report"]["radii"]},
     log:
         f"{LOGS}/certify_incremental/{{method}}_sigma{{sigma}}.log",
     threads: config["resources"]["irs"]["threads"]

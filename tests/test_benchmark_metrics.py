@@ -1,0 +1,38 @@
+"""The speedup arithmetic of benchmarks/certify.py (IRS vs full re-certification), on hand-made curves."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from certify import area_ratio, time_to_reach  # noqa: E402
+
+BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
+
+
+def test_time_to_reach_interpolates_inside_the_curve():
+    assert time_to_reach(0.25, BASE) == pytest.approx(15.0)
+    assert time_to_reach(0.40, BASE) == pytest.approx(40.0)
+    assert time_to_reach(0.20, BASE) == pytest.approx(10.0)
+
+
+def test_time_to_reach_refuses_to_extrapolate():
+    assert time_to_reach(0.41, BASE) is None  # the baseline never gets there
+    assert time_to_reach(0.10, BASE) is None  # its cheapest point already does better: no speedup to claim
+
+
+def test_time_to_reach_uses_the_running_best_acr():
+    noisy = [(10.0, 0.20), (20.0, 0.35), (40.0, 0.30), (80.0, 0.40)]  # a dip from sampling noise
+    assert time_to_reach(0.32, noisy) == pytest.approx(10 + 10 * 0.12 / 0.15)
+
+
+def test_area_ratio_of_a_curve_twice_as_fast_is_two():
+    fast = [(t / 2, a) for t, a in BASE]
+    assert area_ratio(BASE, fast) == pytest.approx(2.0)
+    assert area_ratio(BASE, BASE) == pytest.approx(1.0)
+
+
+def test_area_ratio_needs_a_common_acr_range():
+    assert area_ratio(BASE, [(1.0, 0.05), (2.0, 0.15)]) is None
