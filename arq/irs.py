@@ -129,8 +129,7 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
         preds.append(est.to(torch.uint8).cpu())
     seconds = time.perf_counter() - t0
     meta = {**meta, "noise_scheme": NOISE_SCHEME, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed,
-            "chunk": chunk,
-            "device": device.type,
+            "chunk": chunk, "device": device.type,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     return Cache(meta, torch.tensor([int(i) for i in idx]), torch.as_tensor(y).long().cpu(), torch.tensor(top),
                  torch.tensor(p_lower, dtype=torch.float64), torch.stack(preds), seconds)
@@ -175,7 +174,8 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
 
 
 def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
-                        chunks_per_batch: int, progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
+                        chunks_per_batch: int,
+                        progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
     """IRS-CERTIFY every cached image; ``x[i]`` must be the image of ``cache.idx[i]``. Returns results, seconds."""
     if len(x) != len(cache.idx):
         raise CacheError(f"{len(x)} images given for a cache of {len(cache.idx)}")
@@ -228,8 +228,8 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
     engine = Engine.from_config(config)
     sigma = float(meta["sigma"])
     pos, x, y = _val_subset(data, ic["images"])
-    cache = build_cache(engine.prepare(model, device), x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"], ic["seed"], ic["chunk"],
-                        ic["chunks_per_batch"],
+    cache = build_cache(engine.prepare(model, device), x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"],
+                        ic["seed"], ic["chunk"], ic["chunks_per_batch"],
                         {"model_sha256": sha256_file(model_path), "data_sha256": data.manifest["file_sha256"],
                          "arch": config["model"]["arch"], "split": "val", "engine": engine.describe()},
                         _progress(f"irs cache σ={sigma}"))
@@ -254,7 +254,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
 
     from arq import models
     from arq.io import provenance, write_json
-    from arq.smoothing import _progress, summarize, write_tsv
+    from arq.smoothing import _progress, summarize, to_unit, write_tsv
 
     start = time.perf_counter()
     ic = config["irs"]
@@ -267,7 +267,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     if abs(cache.meta["sigma"] - float(meta["sigma"])) > 1e-12:
         raise CacheError(f"{cache_path} is for σ={cache.meta['sigma']}, the model for σ={meta['sigma']}")
     pos = cache.idx  # cached dataset indices are val positions (the cache's split)
-    x = data.val.x[pos].float().div(255)
+    x = to_unit(data.val.x[pos])
     results, seconds = certify_incremental(engine.prepare(model, device), cache, x, ic["n_p"], ic["alpha_zeta"],
                                            ic["gamma"], ic["chunks_per_batch"],
                                            _progress(f"irs {method} σ={cache.meta['sigma']}"))

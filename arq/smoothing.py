@@ -300,7 +300,8 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
                "alpha": cc["alpha"], **summarize(rows, config["report"]["radii"]),
                "samples_per_s": round(k * (cc["n0"] + cc["n"]) / seconds, 1),
                "max_certifiable_radius": round(max_radius(sigma, cc["n"], cc["alpha"]), 4),
-               "engine": engine.describe(), "subset_rule": data.manifest["cert_rule"], "data_note": data.manifest.get("note", ""),
+               "engine": engine.describe(), "subset_rule": data.manifest["cert_rule"],
+               "data_note": data.manifest.get("note", ""),
                **provenance(config, device, time.perf_counter() - start)}
     write_json(summary_json, summary)
     return summary

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from arq import data as data_mod
-from arq import irs, models, policy, quant
+from arq import irs, models, policy
 from arq.config import load as load_config
 from arq.smoothing import Engine, Smooth, image_generator, subset_positions, to_unit
-from arq.train import calibration_batches
+from arq.train import quantize_for_finetune
 from reference import plain_counts, synchronize, timed
 
 
@@ -114,9 +114,7 @@ def run_engine(args) -> None:
 def quantized_copy(fp32: torch.nn.Module, config: dict, tag: str, sigma: float, calib, dev) -> torch.nn.Module:
     """Post-training quantization as the pipeline does it with finetune.epochs = 0: policy, then calibration."""
     q = copy.deepcopy(fp32)
-    quant.apply_policy(q, policy.uniform_policy(config, tag)["layers"])
-    qc = config["quant"]["calibration"]
-    quant.calibrate(q, calibration_batches(calib, sigma, qc["images"], 256, 0, dev), qc["method"])
+    quantize_for_finetune(q, policy.uniform_policy(config, tag)["layers"], config["quant"], calib, sigma, 256, 0, dev)
     return q.eval()
 
 
@@ -124,21 +122,20 @@ def baseline_acr(smooth: Smooth, x, y, idx, n0: int, n: int, alpha: float, seed:
     """Full Cohen CERTIFY of every image at level alpha: (ACR, seconds)."""
     synchronize(smooth.device)
     t0 = time.perf_counter()
-    total = 0.0
-    for i in range(len(x)):
-        cert = smooth.certify(x[i], n0, n, alpha, image_generator(seed, int(idx[i]), smooth.device))
-        total += cert.radius * (cert.prediction == int(y[i]))
+    certs = [smooth.certify(x[i], n0, n, alpha, image_generator(seed, int(idx[i]), smooth.device))
+             for i in range(len(x))]
     synchronize(smooth.device)
-    return total / len(x), time.perf_counter() - t0
+    return irs.acr(certs, y), time.perf_counter() - t0
 
 
 def time_to_reach(acr: float, curve: list[tuple[float, float]]) -> float | None:
     """Seconds the curve [(seconds, ACR)] needs to reach ``acr`` (linear between points, ACR made monotone);
-    None outside the curve's ACR range: above it the baseline never gets there, below it even its cheapest
-    point does better, and extrapolating either way would invent a speedup."""
+    None unless the curve's cheapest point is below ``acr`` and its best at or above: above the range the
+    baseline never gets there; at or below its cheapest point the baseline might need less than that point
+    (an ACR of 0 costs nothing), so any speedup claimed there would be invented."""
     secs = np.array([c[0] for c in curve])
     acrs = np.maximum.accumulate(np.array([c[1] for c in curve]))
-    if not acrs[0] <= acr <= acrs[-1]:
+    if not acrs[0] < acr <= acrs[-1]:
         return None
     return float(np.interp(acr, acrs, secs))
 

@@ -15,12 +15,13 @@ BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
 def test_time_to_reach_interpolates_inside_the_curve():
     assert time_to_reach(0.25, BASE) == pytest.approx(15.0)
     assert time_to_reach(0.40, BASE) == pytest.approx(40.0)
-    assert time_to_reach(0.20, BASE) == pytest.approx(10.0)
 
 
 def test_time_to_reach_refuses_to_extrapolate():
     assert time_to_reach(0.41, BASE) is None  # the baseline never gets there
     assert time_to_reach(0.10, BASE) is None  # its cheapest point already does better: no speedup to claim
+    assert time_to_reach(0.20, BASE) is None  # reached by the cheapest point, maybe with less: only a bound
+    assert time_to_reach(0.0, [(5.0, 0.0), (9.0, 0.1)]) is None  # ACR 0 (all abstain) costs nothing
 
 
 def test_time_to_reach_uses_the_running_best_acr():
