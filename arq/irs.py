@@ -5,10 +5,16 @@ class c_A, the lower bound p_A, and f's prediction on every estimation sample. T
 is regenerated from (seed, image index, chunk) — chunks of a fixed size, each from its own generator — so a
 modified network f_p sees bit-identical noise on the same device and dtype.
 
-For f_p, the disagreement ζ = one-sided Clopper–Pearson upper bound (level α_ζ) of P[f(x+ε) ≠ f_p(x+ε)] is
-estimated on the first n_p replayed samples, and the radius is σΦ⁻¹(p_A − ζ) when p_A < γ. When p_A ≥ γ the
-bound on p_A brings little, so f_p is certified afresh on n_p fresh samples at level α+α_ζ. Either way the
-certificate holds with confidence 1 − (α + α_ζ), which every result records.
+For f_p, ζ is a one-sided Clopper–Pearson upper bound (level α_ζ), from the first n_p replayed samples, on
+the rate of the disagreements that can lower P[f_p = c_A], and the radius is σΦ⁻¹(p_A − ζ) when p_A < γ. When
+p_A ≥ γ the bound on p_A brings little, so f_p is certified afresh on n_p fresh samples at level α+α_ζ. Either
+way the certificate holds with confidence 1 − (α + α_ζ), which every result records.
+
+Which disagreements ζ counts (``zeta_counts``): the IRS paper bounds every disagreement, P[f ≠ f_p]
+("all_disagreements"). Only one kind can cost c_A probability, though:
+P[f_p = c_A] = P[f = c_A] − P[f = c_A, f_p ≠ c_A] + P[f ≠ c_A, f_p = c_A] ≥ p_A − P[f = c_A, f_p ≠ c_A],
+so bounding the top-class losses alone ("top_class_losses", the default) is just as sound (the same union
+bound over the two estimates) and never looser: flips between other classes and flips *to* c_A are free.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from arq.io import torch_save
 from arq.smoothing import ABSTAIN, Engine, certified_radius, lower_confidence_bound, upper_confidence_bound
 
 FORMAT = "arq-irs-cache/1"
+ZETA_COUNTS = ("top_class_losses", "all_disagreements")
 SELECTION_STREAM = 0  # stream ids: 0 = selection (n0), 1.. = estimation chunks, FRESH_BASE.. = fresh samples
 FRESH_BASE = 1 << 20
 NOISE_SCHEME = "blake2b-seed-per-chunk/1"  # recorded in the cache: a replay must regenerate noise the same way
@@ -141,14 +148,19 @@ class IncrementalCertificate:
     radius: float
     p_lower: float  # the bound the radius comes from (p_A − ζ, or the fresh bound)
     zeta: float  # NaN on the fresh branch
-    disagreements: int  # -1 on the fresh branch
+    disagreements: int  # samples with f ≠ f_p among the n_p replayed (-1 on the fresh branch)
     branch: str  # "irs" | "fresh" | "abstain-cached"
     confidence: float  # 1 − (α + α_ζ)
+    losses: int = -1  # samples with f = c_A ≠ f_p (the top-class losses; -1 on the fresh branch)
 
 
 def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
-                chunks_per_batch: int) -> IncrementalCertificate:
-    """IRS-CERTIFY of the modified ``model`` on cached image i (x is that image in [0,1])."""
+                chunks_per_batch: int, zeta_counts: str = "top_class_losses") -> IncrementalCertificate:
+    """IRS-CERTIFY of the modified ``model`` on cached image i (x is that image in [0,1]).
+
+    ``zeta_counts`` picks the disagreements ζ bounds (module docstring); both counts are always recorded."""
+    if zeta_counts not in ZETA_COUNTS:
+        raise ValueError(f"zeta_counts must be one of {ZETA_COUNTS}, not {zeta_counts!r}")
     m = cache.meta
     alpha, sigma, chunk = m["alpha"], m["sigma"], m["chunk"]
     confidence = 1.0 - (alpha + alpha_zeta)
@@ -159,13 +171,15 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
     if p_a < gamma:
         if n_p > m["n"]:
             raise ValueError(f"n_p = {n_p} exceeds the {m['n']} cached samples per image")
-        pred = predictions(model, x, sigma, m["seed"], idx, 1, n_p, chunk, chunks_per_batch)
-        d = int((pred.cpu() != cache.preds[i, :n_p].long()).sum())
-        zeta = upper_confidence_bound(d, n_p, alpha_zeta)
+        pred = predictions(model, x, sigma, m["seed"], idx, 1, n_p, chunk, chunks_per_batch).cpu()
+        cached = cache.preds[i, :n_p].long()
+        d = int((pred != cached).sum())
+        lost = int(((cached == c_a) & (pred != c_a)).sum())
+        zeta = upper_confidence_bound(lost if zeta_counts == "top_class_losses" else d, n_p, alpha_zeta)
         pl = p_a - zeta
         if pl > 0.5:
-            return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, zeta, d, "irs", confidence)
-        return IncrementalCertificate(ABSTAIN, 0.0, pl, zeta, d, "irs", confidence)
+            return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, zeta, d, "irs", confidence, lost)
+        return IncrementalCertificate(ABSTAIN, 0.0, pl, zeta, d, "irs", confidence, lost)
     pred = predictions(model, x, sigma, m["seed"], idx, FRESH_BASE, n_p, chunk, chunks_per_batch)
     pl = lower_confidence_bound(int((pred == c_a).sum()), n_p, alpha + alpha_zeta)
     if pl > 0.5:
@@ -174,17 +188,26 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
 
 
 def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: int, alpha_zeta: float, gamma: float,
-                        chunks_per_batch: int,
-                        progress: Callable | None = None) -> tuple[list[IncrementalCertificate], float]:
+                        chunks_per_batch: int, progress: Callable | None = None,
+                        zeta_counts: str = "top_class_losses") -> tuple[list[IncrementalCertificate], float]:
     """IRS-CERTIFY every cached image; ``x[i]`` must be the image of ``cache.idx[i]``. Returns results, seconds."""
     if len(x) != len(cache.idx):
         raise CacheError(f"{len(x)} images given for a cache of {len(cache.idx)}")
     model.eval()
     iterator = range(len(x)) if progress is None else progress(range(len(x)), total=len(x), initial=0)
     t0 = time.perf_counter()
-    results = [certify_one(model, cache, i, x[i], n_p, alpha_zeta, gamma, chunks_per_batch)
+    results = [certify_one(model, cache, i, x[i], n_p, alpha_zeta, gamma, chunks_per_batch, zeta_counts)
                for i in iterator]
     return results, time.perf_counter() - t0
+
+
+def disagreement_rates(results: list[IncrementalCertificate], n_p: int) -> dict:
+    """Mean per-image rates of all disagreements and of top-class losses over the IRS-branch images."""
+    on_irs = [r for r in results if r.branch == "irs"]
+    if not on_irs:
+        return {"disagreement_rate": None, "top_class_loss_rate": None}
+    return {"disagreement_rate": sum(r.disagreements for r in on_irs) / (n_p * len(on_irs)),
+            "top_class_loss_rate": sum(r.losses for r in on_irs) / (n_p * len(on_irs))}
 
 
 def acr(results: list, labels: torch.Tensor) -> float:
@@ -270,7 +293,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     x = to_unit(data.val.x[pos])
     results, seconds = certify_incremental(engine.prepare(model, device), cache, x, ic["n_p"], ic["alpha_zeta"],
                                            ic["gamma"], ic["chunks_per_batch"],
-                                           _progress(f"irs {method} σ={cache.meta['sigma']}"))
+                                           _progress(f"irs {method} σ={cache.meta['sigma']}"), ic["zeta_counts"])
     per_image = seconds / max(len(results), 1)
     rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": f"{r.radius:.6g}",
              "correct": int(r.prediction == int(y)), "zeta": f"{r.zeta:.6g}", "branch": r.branch,
@@ -285,7 +308,8 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
                "confidence": 1 - (cache.meta["alpha"] + ic["alpha_zeta"]),
                **summarize(rows, config["report"]["radii"]),
                "fp32_acr": cached_acr(cache), "branches": branches,
-               "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
+               "zeta_counts": ic["zeta_counts"], "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
+               **disagreement_rates(results, ic["n_p"]),
                "seconds_certifying": round(seconds, 3), "engine": engine.describe(),
                **provenance(config, device, time.perf_counter() - start)}
     write_json(summary_json, summary)

@@ -31,6 +31,7 @@ import torch
 from arq import data as data_mod
 from arq import irs, models, policy
 from arq.config import load as load_config
+from arq.io import git_commit
 from arq.smoothing import Engine, Smooth, image_generator, subset_positions, to_unit
 from arq.train import quantize_for_finetune
 from reference import plain_counts, synchronize, timed
@@ -128,6 +129,21 @@ def baseline_acr(smooth: Smooth, x, y, idx, n0: int, n: int, alpha: float, seed:
     return irs.acr(certs, y), time.perf_counter() - t0
 
 
+def fastest(run, repeats: int):
+    """Run a deterministic measurement ``repeats`` times and keep the fastest: (result, seconds).
+
+    Shared machines add bursts of delay to single runs; the minimum is the standard robust estimate. The
+    result must not change between repeats (same seeds, same noise), which is checked (by repr: NaN-safe)."""
+    best = None
+    for _ in range(repeats):
+        result, secs = run()
+        if best is not None and repr(result) != repr(best[0]):
+            raise RuntimeError(f"a repeated measurement gave a different result: {result} vs {best[0]}")
+        if best is None or secs < best[1]:
+            best = (result, secs)
+    return best
+
+
 def time_to_reach(acr: float, curve: list[tuple[float, float]]) -> float | None:
     """Seconds the curve [(seconds, ACR)] needs to reach ``acr`` (linear between points, ACR made monotone);
     None unless the curve's cheapest point is below ``acr`` and its best at or above: above the range the
@@ -187,6 +203,7 @@ def run_irs(args) -> None:
     report = {"device": _device_name(dev, args.threads), "torch": torch.__version__, "engine": engine.describe(),
               "sigma": sigma, "images": len(pos), "cache_n": args.n, "n0": args.n0, "alpha": alpha,
               "alpha_zeta": alpha_zeta, "gamma": args.gamma, "fp32_checkpoint": str(args.fp32),
+              "commit": git_commit(), "repeats": args.repeats,
               "cache_seconds": round(cache.seconds, 2), "fp32_acr": fp32_acr, "share_p_above_gamma": share_high,
               "models": {}}
     for tag in args.bits:
@@ -199,31 +216,43 @@ def run_irs(args) -> None:
                             args.chunks_per_batch)
         baseline_acr(smooth, x[:1], y[:1], idx[:1], args.n0, min(args.baseline_n), alpha + alpha_zeta, args.seed + 1)
 
-        inc = []
-        for n_p in args.n_p:
-            results, secs = irs.certify_incremental(run, cache, x, n_p, alpha_zeta, args.gamma, args.chunks_per_batch)
-            zetas = [r.zeta for r in results if r.branch == "irs"]
-            inc.append({"n_p": n_p, "seconds": round(secs, 3), "acr": irs.acr(results, cache.labels),
-                        "mean_zeta": float(np.mean(zetas)) if zetas else None,
-                        "branches": {b: sum(r.branch == b for r in results) for b in ("irs", "fresh", "abstain-cached")}})
-            print(f"  {tag} IRS       n_p={n_p:6d}: {secs:8.1f} s  ACR {inc[-1]['acr']:.4f}  "
-                  f"mean ζ {inc[-1]['mean_zeta'] if zetas else float('nan'):.4f}", flush=True)
+        runs = {}
+        for counts in args.zeta_counts:
+            runs[counts] = inc = []
+            for n_p in args.n_p:
+                results, secs = fastest(lambda: irs.certify_incremental(
+                    run, cache, x, n_p, alpha_zeta, args.gamma, args.chunks_per_batch, zeta_counts=counts),
+                    args.repeats)
+                zetas = [r.zeta for r in results if r.branch == "irs"]
+                inc.append({"n_p": n_p, "seconds": round(secs, 3), "acr": irs.acr(results, cache.labels),
+                            "mean_zeta": float(np.mean(zetas)) if zetas else None,
+                            **irs.disagreement_rates(results, n_p),
+                            "branches": {b: sum(r.branch == b for r in results)
+                                         for b in ("irs", "fresh", "abstain-cached")}})
+                rates = irs.disagreement_rates(results, n_p)
+                print(f"  {tag} IRS ({counts}) n_p={n_p:6d}: {secs:8.1f} s  ACR {inc[-1]['acr']:.4f}  "
+                      f"mean ζ {inc[-1]['mean_zeta'] if zetas else float('nan'):.4f}  "
+                      f"disagreement {rates['disagreement_rate']}  top-class loss {rates['top_class_loss_rate']}",
+                      flush=True)
         base = []
         for n in args.baseline_n:
-            a, secs = baseline_acr(smooth, x, y, idx, args.n0, n, alpha + alpha_zeta, args.seed + 1)
+            a, secs = fastest(lambda: baseline_acr(smooth, x, y, idx, args.n0, n, alpha + alpha_zeta, args.seed + 1),
+                              args.repeats)
             base.append({"n": n, "seconds": round(secs, 3), "acr": a})
             print(f"  {tag} baseline  n={n:8d}: {secs:8.1f} s  ACR {a:.4f}", flush=True)
         base_curve = [(b["seconds"], b["acr"]) for b in base]
-        for point in inc:
-            t = time_to_reach(point["acr"], base_curve)
-            point["baseline_seconds_to_same_acr"] = None if t is None else round(t, 3)
-            point["speedup"] = None if t is None else round(t / point["seconds"], 2)
-        ratio = area_ratio(base_curve, [(p["seconds"], p["acr"]) for p in inc])
-        report["models"][tag] = {"irs": inc, "baseline": base,
-                                 "area_speedup": None if ratio is None else round(ratio, 2)}
-        print(f"  {tag}: speedup at equal ACR per n_p: "
-              + ", ".join(f"{p['n_p']}: {_speedup_text(p, base)}" for p in inc)
-              + f";  area ratio (IRS paper metric): {ratio if ratio is None else round(ratio, 2)}", flush=True)
+        report["models"][tag] = {"baseline": base, "irs": {}}
+        for counts, inc in runs.items():
+            for point in inc:
+                t = time_to_reach(point["acr"], base_curve)
+                point["baseline_seconds_to_same_acr"] = None if t is None else round(t, 3)
+                point["speedup"] = None if t is None else round(t / point["seconds"], 2)
+            ratio = area_ratio(base_curve, [(p["seconds"], p["acr"]) for p in inc])
+            report["models"][tag]["irs"][counts] = {"points": inc,
+                                                    "area_speedup": None if ratio is None else round(ratio, 2)}
+            print(f"  {tag} ({counts}): speedup at equal ACR per n_p: "
+                  + ", ".join(f"{p['n_p']}: {_speedup_text(p, base)}" for p in inc)
+                  + f";  area ratio (IRS paper metric): {ratio if ratio is None else round(ratio, 2)}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -258,13 +287,16 @@ def main() -> None:
     r.add_argument("--n", type=int, default=10_000, help="cached FP32 samples per image")
     r.add_argument("--n0", type=int, default=100)
     r.add_argument("--n-p", type=_ints, default=[100, 200, 500, 1000])
-    r.add_argument("--baseline-n", type=_ints, default=[500, 1000, 2000, 5000, 10_000])
+    r.add_argument("--baseline-n", type=_ints, default=[100, 200, 500, 1000, 2000, 4000])
     r.add_argument("--alpha", type=float, default=0.001)
     r.add_argument("--alpha-zeta", type=float, default=0.001)
     r.add_argument("--gamma", type=float, default=0.99)
+    r.add_argument("--zeta-counts", type=lambda s: s.split(","), default=list(irs.ZETA_COUNTS),
+                   help="which disagreements ζ bounds; each is run (default: both)")
     r.add_argument("--chunk", type=int, default=100)
     r.add_argument("--chunks-per-batch", type=int, default=5)
     r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--repeats", type=int, default=2, help="time every point this often and keep the fastest")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()

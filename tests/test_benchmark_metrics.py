@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from certify import area_ratio, time_to_reach  # noqa: E402
+from certify import area_ratio, fastest, time_to_reach  # noqa: E402
 
 BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
 
@@ -37,3 +37,11 @@ def test_area_ratio_of_a_curve_twice_as_fast_is_two():
 
 def test_area_ratio_needs_a_common_acr_range():
     assert area_ratio(BASE, [(1.0, 0.05), (2.0, 0.15)]) is None
+
+
+def test_fastest_keeps_the_quickest_of_identical_results():
+    times = iter([3.0, 1.0, 2.0])
+    assert fastest(lambda: ([float("nan"), 1], next(times)), 3)[1] == 1.0  # NaN compares equal
+    results = iter([0.5, 0.6])
+    with pytest.raises(RuntimeError, match="different result"):
+        fastest(lambda: (next(results), 1.0), 2)

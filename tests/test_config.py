@@ -111,6 +111,7 @@ def _mutated(base, path, value=None, delete=False):
     ("model.arch", "resnet56", ["model.arch"]),
     ("resources.train.threads", 0, ["resources.train.threads"]),
     ("train.foo", 1, ["train", "'foo'"]),
+    ("irs.zeta_counts", "some", ["irs.zeta_counts"]),
     ("foo", 1, ["<top level>", "'foo'"]),
 ])
 def test_invalid_values_name_the_key(smoke_config, path, value, expect):
@@ -120,7 +121,8 @@ def test_invalid_values_name_the_key(smoke_config, path, value, expect):
         assert text in str(exc.value)
 
 
-@pytest.mark.parametrize("path,key", [("certify.n", "'n'"), ("train.seed", "'seed'"), ("report", "'report'")])
+@pytest.mark.parametrize("path,key", [("certify.n", "'n'"), ("train.seed", "'seed'"), ("report", "'report'"),
+                                      ("irs.zeta_counts", "'zeta_counts'")])
 def test_missing_keys_are_named(smoke_config, path, key):
     with pytest.raises(ConfigError) as exc:
         validate(_mutated(smoke_config, path, delete=True))

@@ -229,6 +229,9 @@ def test_smoke_incremental_certification(smoke_run):
         assert s["confidence"] == pytest.approx(1 - (ic["alpha"] + ic["alpha_zeta"]))
         assert sum(s["branches"].values()) == ic["images"]
         assert s["fp32_acr"] == pytest.approx(cache["acr"])
+        assert s["zeta_counts"] == ic["zeta_counts"]
+        if s["branches"]["irs"]:  # top-class losses are a subset of the disagreements
+            assert 0 <= s["top_class_loss_rate"] <= s["disagreement_rate"] <= 1
         lines = (irs_dir / f"{method}_sigma0.25.tsv").read_text().splitlines()
         assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "zeta", "branch", "time"]
         assert len(lines) == 1 + ic["images"]

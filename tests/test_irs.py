@@ -190,6 +190,65 @@ def test_every_branch_records_the_combined_confidence():
     assert all(isinstance(r, IncrementalCertificate) for r in results) and seconds >= 0
 
 
+class Bands(nn.Module):
+    """Three classes by the projection s = w·x + b: class 0 above t0, else class ``upper`` above t1, else the
+    remaining one of {1, 2}. Under x = 0 + ε, s ~ N(b, (σ‖w‖)²), so every class probability is a Φ difference."""
+
+    def __init__(self, t0: float, t1: float, upper: int = 1):
+        super().__init__()
+        self.w = nn.Parameter(W.clone(), requires_grad=False)
+        self.t0, self.t1, self.upper = t0, t1, upper
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w
+        cls = torch.where(s > self.t0, 0, torch.where(s > self.t1, self.upper, 3 - self.upper))
+        return nn.functional.one_hot(cls, 3).float()
+
+
+TAU = SIGMA * float(W.norm())  # the std of s under the noise
+P3_F, P3_LOSS = 0.90, 0.05  # P[f = 0], and P[f = 0, f_p ≠ 0] (f_p's class-0 band is narrower by that much)
+T0, T0_P, T1 = TAU * norm.ppf(1 - P3_F), TAU * norm.ppf(1 - P3_F + P3_LOSS), TAU * norm.ppf(0.05)
+
+
+def test_flips_between_other_classes_are_disagreements_but_not_top_class_losses():
+    """f_p = f with the two non-top classes swapped: many disagreements, no top-class loss. ζ counts the losses
+    by default (so it is the CP bound for 0) and every disagreement under "all_disagreements" (the paper's ζ)."""
+    f, f_p = Bands(T0, T1), Bands(T0, T1, upper=2)
+    x = torch.zeros(2, *SHAPE)
+    cache = _cache(f, x, n=300)
+    alpha_zeta, n_p = 0.01, 300
+    assert (cache.top == 0).all()
+    for i in range(len(x)):
+        lossy = certify_one(f_p, cache, i, x[i], n_p, alpha_zeta, 1.0, 2)
+        paper = certify_one(f_p, cache, i, x[i], n_p, alpha_zeta, 1.0, 2, zeta_counts="all_disagreements")
+        d = int((cache.preds[i, :n_p] != 0).sum())  # every sample f did not give to c_A = 0 flips
+        assert d > 0
+        assert (lossy.disagreements, lossy.losses) == (paper.disagreements, paper.losses) == (d, 0)
+        assert lossy.zeta == upper_confidence_bound(0, n_p, alpha_zeta)
+        assert paper.zeta == upper_confidence_bound(d, n_p, alpha_zeta) > lossy.zeta
+        assert lossy.p_lower == pytest.approx(float(cache.p_lower[i]) - lossy.zeta, abs=1e-15)
+        assert lossy.radius > paper.radius
+    with pytest.raises(ValueError, match="zeta_counts"):
+        certify_one(f, cache, 0, x[0], n_p, alpha_zeta, 1.0, 2, zeta_counts="some")
+
+
+def test_top_class_losses_count_only_samples_f_gave_to_c_a():
+    """f_p = constant other class: it loses exactly the samples f gave to c_A and disagrees on those plus
+    the samples f gave to the third class."""
+    x = torch.zeros(1, *SHAPE)
+    cache = _cache(Bands(T0, T1), x, n=300)
+    c_a, other = int(cache.top[0]), 1
+    assert c_a == 0
+    r = certify_one(Constant(other, 3), cache, 0, x[0], 200, 0.01, 1.0, 1)
+    cached = cache.preds[0, :200].long()
+    assert r.losses == int((cached == c_a).sum())
+    assert r.disagreements == int((cached != other).sum()) >= r.losses
+    assert r.zeta == upper_confidence_bound(r.losses, 200, 0.01)
+    assert irs_module.disagreement_rates([r], 200) == {"disagreement_rate": r.disagreements / 200,
+                                                         "top_class_loss_rate": r.losses / 200}
+    assert irs_module.disagreement_rates([], 200) == {"disagreement_rate": None, "top_class_loss_rate": None}
+
+
 # ------------------------------------------------------------------------------------ statistical soundness
 
 P_F, DELTA = 0.95, 0.10  # P[f = 1] and the disagreement P[f ≠ f_p] = P[f = 1] − P[f_p = 1]
@@ -258,6 +317,54 @@ def test_fresh_branch_bound_holds_with_probability_one_minus_alpha_plus_alpha_ze
     assert exact <= ALPHA + ALPHA_ZETA
     assert _at_most(fail, RUNS, ALPHA + ALPHA_ZETA), f"fresh bound above P[f_p = c_A] in {fail}/{RUNS} runs"
     assert abs(fail / RUNS - exact) < 4 * math.sqrt(exact * (1 - exact) / RUNS)
+
+
+@pytest.fixture(scope="module")
+def three_class_cache():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.zeros(RUNS, *SHAPE)
+        cache = build_cache(Bands(T0, T1), x, torch.zeros(RUNS, dtype=torch.long), list(range(RUNS)),
+                            SIGMA, N0, N, ALPHA, 12, CHUNK, 10, {})
+    finally:
+        torch.set_num_threads(before)
+    return x, cache
+
+
+def test_top_class_loss_bound_holds_and_is_tighter_when_other_classes_flip(three_class_cache):
+    """f_p narrows f's class-0 band (losing P3_LOSS of c_A) and swaps classes 1 and 2 below it, so every
+    sample f did not give to c_A is a disagreement too: P[f ≠ f_p] = 1 − P3_F + P3_LOSS = 0.15, but only
+    P3_LOSS = 0.05 of it can lower P[f_p = c_A] = P3_F − P3_LOSS. ζ over the losses is sound (coverage at least
+    1 − (α + α_ζ)) and much tighter than ζ over all disagreements, which is sound as well."""
+    x, cache = three_class_cache
+    assert (cache.top == 0).all()
+    p_fp = P3_F - P3_LOSS
+    f_p = Bands(T0_P, T1, upper=2)
+    lossy, _ = certify_incremental(f_p, cache, x, N_P, ALPHA_ZETA, gamma=1.0, chunks_per_batch=10)
+    paper, _ = certify_incremental(f_p, cache, x, N_P, ALPHA_ZETA, gamma=1.0, chunks_per_batch=10,
+                                   zeta_counts="all_disagreements")
+    assert {r.branch for r in lossy + paper} == {"irs"}
+    # the closed forms hold on the RUNS·N_P replayed samples (± 5 s.e.)
+    total = RUNS * N_P
+    loss_rate = sum(r.losses for r in lossy) / total
+    d_rate = sum(r.disagreements for r in lossy) / total
+    d_true = 1 - P3_F + P3_LOSS
+    assert loss_rate == pytest.approx(P3_LOSS, abs=5 * math.sqrt(P3_LOSS * (1 - P3_LOSS) / total))
+    assert d_rate == pytest.approx(d_true, abs=5 * math.sqrt(d_true * (1 - d_true) / total))
+
+    fail = sum(r.p_lower > p_fp for r in lossy)  # c_A = 0 everywhere, so P[f_p = c_A] = p_fp
+    zeta_fail = sum(r.zeta < P3_LOSS for r in lossy)
+    assert _at_most(fail, RUNS, ALPHA + ALPHA_ZETA), f"IRS bound above P[f_p = c_A] in {fail}/{RUNS} runs"
+    assert _at_most(zeta_fail, RUNS, ALPHA_ZETA), f"ζ below the true loss rate in {zeta_fail}/{RUNS} runs"
+    assert _at_most(sum(r.p_lower > p_fp for r in paper), RUNS, ALPHA + ALPHA_ZETA)
+    # tighter on every run, and by about the flips it no longer pays for
+    assert all(a.zeta < b.zeta and a.p_lower > b.p_lower for a, b in zip(lossy, paper))
+    gain = np.mean([b.zeta - a.zeta for a, b in zip(lossy, paper)])
+    assert gain > 0.5 * (d_true - P3_LOSS)
+    # a plug-in loss rate (no confidence bound) fails far more often: the experiment can see an unsound bound
+    plug_in = sum(float(pa) - r.losses / N_P > p_fp for pa, r in zip(cache.p_lower.tolist(), lossy))
+    assert plug_in > 3 * max(fail, 1)
 
 
 # ----------------------------------------------------------------------------------------- replayed noise
