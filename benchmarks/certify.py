@@ -175,6 +175,28 @@ def area_ratio(base: list[tuple[float, float]], inc: list[tuple[float, float]]) 
     return float(np.trapezoid(np.interp(grid, ab, tb), grid) / np.trapezoid(np.interp(grid, ai, ti), grid))
 
 
+def add_sample_metrics(report: dict) -> dict:
+    """Speedups counted in forward passes instead of seconds, from a run's report (in place; returned).
+
+    Both methods run the same network with the same batch shapes, so a noisy sample costs the same in each
+    and the ratio of samples is the speedup without the machine's timing noise (which on a shared CPU
+    drifts by tens of percent between short and long runs). IRS evaluates n_p samples per image except where
+    the cache abstained (p_A − ζ ≤ p_A ≤ ½ can never certify, so f_p is not run); full re-certification
+    evaluates n0 + n per image."""
+    images, n0 = report["images"], report["n0"]
+    for entry in report["models"].values():
+        base = [((n0 + b["n"]) * images, b["acr"]) for b in entry["baseline"]]
+        for run in entry["irs"].values():
+            for point in run["points"]:
+                point["samples"] = point["n_p"] * (images - point["branches"]["abstain-cached"])
+                t = time_to_reach(point["acr"], base)
+                point["baseline_samples_to_same_acr"] = None if t is None else round(t)
+                point["sample_speedup"] = None if t is None else round(t / point["samples"], 2)
+            ratio = area_ratio(base, [(p["samples"], p["acr"]) for p in run["points"]])
+            run["area_sample_speedup"] = None if ratio is None else round(ratio, 2)
+    return report
+
+
 def run_irs(args) -> None:
     dev = torch.device(args.device)
     config = load_config(args.config)
@@ -253,6 +275,12 @@ def run_irs(args) -> None:
             print(f"  {tag} ({counts}): speedup at equal ACR per n_p: "
                   + ", ".join(f"{p['n_p']}: {_speedup_text(p, base)}" for p in inc)
                   + f";  area ratio (IRS paper metric): {ratio if ratio is None else round(ratio, 2)}", flush=True)
+    add_sample_metrics(report)
+    for tag, entry in report["models"].items():
+        for counts, run in entry["irs"].items():
+            print(f"  {tag} ({counts}): speedup in samples at equal ACR per n_p: "
+                  + ", ".join(f"{p['n_p']}: {p['sample_speedup']}" for p in run["points"])
+                  + f";  area ratio in samples: {run['area_sample_speedup']}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

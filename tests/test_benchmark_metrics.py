@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from certify import area_ratio, fastest, time_to_reach  # noqa: E402
+from certify import add_sample_metrics, area_ratio, fastest, time_to_reach  # noqa: E402
 
 BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
 
@@ -45,3 +45,18 @@ def test_fastest_keeps_the_quickest_of_identical_results():
     results = iter([0.5, 0.6])
     with pytest.raises(RuntimeError, match="different result"):
         fastest(lambda: (next(results), 1.0), 2)
+
+
+def test_sample_speedups_count_forward_passes():
+    """IRS: n_p per image the cache did not abstain on; baseline: n0 + n per image."""
+    report = {"images": 10, "n0": 100, "models": {"W8A8": {
+        "baseline": [{"n": 100, "acr": 0.20}, {"n": 300, "acr": 0.30}, {"n": 700, "acr": 0.40}],
+        "irs": {"top_class_losses": {"points": [
+            {"n_p": 100, "acr": 0.25, "branches": {"irs": 6, "fresh": 2, "abstain-cached": 2}},
+            {"n_p": 400, "acr": 0.45, "branches": {"irs": 6, "fresh": 2, "abstain-cached": 2}}]}}}}}
+    points = add_sample_metrics(report)["models"]["W8A8"]["irs"]["top_class_losses"]["points"]
+    assert [p["samples"] for p in points] == [800, 3200]
+    # the baseline reaches ACR 0.25 halfway between 2,000 and 4,000 samples: 3,000 / 800
+    assert points[0]["baseline_samples_to_same_acr"] == 3000 and points[0]["sample_speedup"] == pytest.approx(3.75)
+    assert points[1]["sample_speedup"] is None  # above anything the baseline reached
+    assert report["models"]["W8A8"]["irs"]["top_class_losses"]["area_sample_speedup"] > 1
