@@ -10,8 +10,10 @@ that is the sense in which "the certificate holds for the network as executed" m
 W8A8 / W4A4 by default), at equal confidence 1 − (α + α_ζ), on the same val images with the same engine.
 IRS is run over a grid of n_p, full Cohen CERTIFY over a grid of n (at level α + α_ζ); the speedup is the
 baseline's time to reach IRS's ACR (interpolated on its time–ACR curve) over IRS's time, and the IRS paper's
-metric: the ratio of the areas under the two time-vs-ACR curves over their common ACR range. The FP32 cache is
-built once (the one-off cost a search amortises over its episodes) and reported separately.
+metric: the ratio of the areas under the two time-vs-ACR curves over their common ACR range; both also in
+forward passes (machine-independent), and for each ζ rule (``--zeta-counts``). Every point is timed
+``--repeats`` times, the fastest kept. The FP32 cache is built once (the one-off cost a search amortises over
+its episodes) and reported separately.
 
     python benchmarks/certify.py engine [--checkpoint model.pt] [--device cpu|cuda] [--threads 2]
     python benchmarks/certify.py irs --config config/cpu-short.yaml --fp32 results/.../model.pt \\
