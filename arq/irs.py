@@ -201,6 +201,11 @@ def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: in
     return results, time.perf_counter() - t0
 
 
+def branch_counts(results: list[IncrementalCertificate]) -> dict:
+    """How many images took each branch."""
+    return {b: sum(r.branch == b for r in results) for b in ("irs", "fresh", "abstain-cached")}
+
+
 def disagreement_rates(results: list[IncrementalCertificate], n_p: int) -> dict:
     """Mean per-image rates of all disagreements and of top-class losses over the IRS-branch images."""
     on_irs = [r for r in results if r.branch == "irs"]
@@ -300,7 +305,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
              "time": str(datetime.timedelta(seconds=per_image))}
             for i, y, r in zip(cache.idx.tolist(), cache.labels.tolist(), results)]
     write_tsv(out_tsv, rows, IRS_TSV_COLUMNS)
-    branches = {b: sum(r.branch == b for r in results) for b in ("irs", "fresh", "abstain-cached")}
+    branches = branch_counts(results)
     zetas = [r.zeta for r in results if r.branch == "irs"]
     summary = {"method": method, "sigma": cache.meta["sigma"], "split": "val",
                "bitops_pct": float(meta["policy"]["bitops_pct"]) if "policy" in meta else 100.0,

@@ -177,6 +177,18 @@ def area_ratio(base: list[tuple[float, float]], inc: list[tuple[float, float]]) 
     return float(np.trapezoid(np.interp(grid, ab, tb), grid) / np.trapezoid(np.interp(grid, ai, ti), grid))
 
 
+def compare(points: list[dict], base_curve: list[tuple[float, float]], cost: str, reached_key: str,
+            speedup_key: str) -> float | None:
+    """Annotate IRS points with the baseline's cost to reach their ACR and the speedup, both measured in
+    ``point[cost]`` units; return the area ratio (the IRS paper's metric) in the same units."""
+    for p in points:
+        t = time_to_reach(p["acr"], base_curve)
+        p[reached_key] = None if t is None else round(t, 3)
+        p[speedup_key] = None if t is None else round(t / p[cost], 2)
+    ratio = area_ratio(base_curve, [(p[cost], p["acr"]) for p in points])
+    return None if ratio is None else round(ratio, 2)
+
+
 def add_sample_metrics(report: dict) -> dict:
     """Speedups counted in forward passes instead of seconds, from a run's report (in place; returned).
 
@@ -191,11 +203,8 @@ def add_sample_metrics(report: dict) -> dict:
         for run in entry["irs"].values():
             for point in run["points"]:
                 point["samples"] = point["n_p"] * (images - point["branches"]["abstain-cached"])
-                t = time_to_reach(point["acr"], base)
-                point["baseline_samples_to_same_acr"] = None if t is None else round(t)
-                point["sample_speedup"] = None if t is None else round(t / point["samples"], 2)
-            ratio = area_ratio(base, [(p["samples"], p["acr"]) for p in run["points"]])
-            run["area_sample_speedup"] = None if ratio is None else round(ratio, 2)
+            run["area_sample_speedup"] = compare(run["points"], base, "samples", "baseline_samples_to_same_acr",
+                                                 "sample_speedup")
     return report
 
 
@@ -248,12 +257,10 @@ def run_irs(args) -> None:
                     run, cache, x, n_p, alpha_zeta, args.gamma, args.chunks_per_batch, zeta_counts=counts),
                     args.repeats)
                 zetas = [r.zeta for r in results if r.branch == "irs"]
-                inc.append({"n_p": n_p, "seconds": round(secs, 3), "acr": irs.acr(results, cache.labels),
-                            "mean_zeta": float(np.mean(zetas)) if zetas else None,
-                            **irs.disagreement_rates(results, n_p),
-                            "branches": {b: sum(r.branch == b for r in results)
-                                         for b in ("irs", "fresh", "abstain-cached")}})
                 rates = irs.disagreement_rates(results, n_p)
+                inc.append({"n_p": n_p, "seconds": round(secs, 3), "acr": irs.acr(results, cache.labels),
+                            "mean_zeta": float(np.mean(zetas)) if zetas else None, **rates,
+                            "branches": irs.branch_counts(results)})
                 print(f"  {tag} IRS ({counts}) n_p={n_p:6d}: {secs:8.1f} s  ACR {inc[-1]['acr']:.4f}  "
                       f"mean ζ {inc[-1]['mean_zeta'] if zetas else float('nan'):.4f}  "
                       f"disagreement {rates['disagreement_rate']}  top-class loss {rates['top_class_loss_rate']}",
@@ -267,16 +274,11 @@ def run_irs(args) -> None:
         base_curve = [(b["seconds"], b["acr"]) for b in base]
         report["models"][tag] = {"baseline": base, "irs": {}}
         for counts, inc in runs.items():
-            for point in inc:
-                t = time_to_reach(point["acr"], base_curve)
-                point["baseline_seconds_to_same_acr"] = None if t is None else round(t, 3)
-                point["speedup"] = None if t is None else round(t / point["seconds"], 2)
-            ratio = area_ratio(base_curve, [(p["seconds"], p["acr"]) for p in inc])
-            report["models"][tag]["irs"][counts] = {"points": inc,
-                                                    "area_speedup": None if ratio is None else round(ratio, 2)}
+            ratio = compare(inc, base_curve, "seconds", "baseline_seconds_to_same_acr", "speedup")
+            report["models"][tag]["irs"][counts] = {"points": inc, "area_speedup": ratio}
             print(f"  {tag} ({counts}): speedup at equal ACR per n_p: "
                   + ", ".join(f"{p['n_p']}: {_speedup_text(p, base)}" for p in inc)
-                  + f";  area ratio (IRS paper metric): {ratio if ratio is None else round(ratio, 2)}", flush=True)
+                  + f";  area ratio (IRS paper metric): {ratio}", flush=True)
     add_sample_metrics(report)
     for tag, entry in report["models"].items():
         for counts, run in entry["irs"].items():

@@ -256,18 +256,22 @@ RUNS, N0, N, N_P, CHUNK = 2000, 20, 1000, 100, 100
 ALPHA = ALPHA_ZETA = 0.05
 
 
-@pytest.fixture(scope="module")
-def sound_cache():
+def _repeated_cache(model: nn.Module, label: int, seed: int):
     """RUNS independent repetitions as RUNS cached images at x = 0 (each image index has its own noise)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         x = torch.zeros(RUNS, *SHAPE)
-        cache = build_cache(LinearBinary(_bias(P_F)), x, torch.ones(RUNS, dtype=torch.long), list(range(RUNS)),
-                            SIGMA, N0, N, ALPHA, 11, CHUNK, 10, {})
+        cache = build_cache(model, x, torch.full((RUNS,), label, dtype=torch.long), list(range(RUNS)),
+                            SIGMA, N0, N, ALPHA, seed, CHUNK, 10, {})
     finally:
         torch.set_num_threads(before)
     return x, cache
+
+
+@pytest.fixture(scope="module")
+def sound_cache():
+    return _repeated_cache(LinearBinary(_bias(P_F)), 1, 11)
 
 
 def _at_most(failures: int, runs: int, level: float) -> bool:
@@ -321,15 +325,7 @@ def test_fresh_branch_bound_holds_with_probability_one_minus_alpha_plus_alpha_ze
 
 @pytest.fixture(scope="module")
 def three_class_cache():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.zeros(RUNS, *SHAPE)
-        cache = build_cache(Bands(T0, T1), x, torch.zeros(RUNS, dtype=torch.long), list(range(RUNS)),
-                            SIGMA, N0, N, ALPHA, 12, CHUNK, 10, {})
-    finally:
-        torch.set_num_threads(before)
-    return x, cache
+    return _repeated_cache(Bands(T0, T1), 0, 12)
 
 
 def test_top_class_loss_bound_holds_and_is_tighter_when_other_classes_flip(three_class_cache):
