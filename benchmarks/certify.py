@@ -6,8 +6,8 @@ layouts, batch sizes and the explicit faster-numerics options. For those options
 noisy samples the executed network classifies differently from the eager float32 one (on identical noise):
 that is the sense in which "the certificate holds for the network as executed" matters.
 
-``irs``: incremental randomized smoothing against full re-certification of quantized models (post-training
-W8A8 / W4A4 by default), at equal confidence 1 − (α + α_ζ), on the same val images with the same engine.
+``irs``: incremental randomized smoothing against full re-certification of modified models (post-training
+W8A8 / W4A4 by default; ``--models`` adds the IRS paper's fp16/bf16 weight rounding), at equal confidence 1 − (α + α_ζ), on the same val images with the same engine.
 IRS is run over a grid of n_p, full Cohen CERTIFY over a grid of n (at level α + α_ζ); the speedup is the
 baseline's time to reach IRS's ACR (interpolated on its time–ACR curve) over IRS's time, and the IRS paper's
 metric: the ratio of the areas under the two time-vs-ACR curves over their common ACR range; both also in
@@ -114,10 +114,24 @@ def run_engine(args) -> None:
 
 # ------------------------------------------------------------------------------------------------------ IRS
 
-def quantized_copy(fp32: torch.nn.Module, config: dict, tag: str, sigma: float, calib, dev) -> torch.nn.Module:
-    """Post-training quantization as the pipeline does it with finetune.epochs = 0: policy, then calibration."""
+FLOAT_CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def modified_copy(fp32: torch.nn.Module, config: dict, tag: str, sigma: float, calib, dev) -> torch.nn.Module:
+    """The modified network f_p that IRS certifies against the FP32 cache.
+
+    ``W<b>A<b>``: post-training quantization as the pipeline does it with finetune.epochs = 0 (policy, then
+    calibration). ``fp16`` / ``bf16``: weights and buffers rounded to that format, arithmetic still float32:
+    the IRS paper's fp16/bf16 approximations, a much smaller change than 8-bit quantization. ``fp32``: an
+    unchanged copy, IRS's best case (ζ from zero disagreements), which is also what the IRS repository's
+    int8 amounts to for CIFAR ResNets (README "Incremental certification (IRS)").
+    """
     q = copy.deepcopy(fp32)
-    quantize_for_finetune(q, policy.uniform_policy(config, tag)["layers"], config["quant"], calib, sigma, 256, 0, dev)
+    if tag in FLOAT_CASTS:
+        return q.to(FLOAT_CASTS[tag]).to(torch.float32).eval()
+    if tag != "fp32":
+        quantize_for_finetune(q, policy.uniform_policy(config, tag)["layers"], config["quant"], calib, sigma, 256, 0,
+                              dev)
     return q.eval()
 
 
@@ -240,7 +254,7 @@ def run_irs(args) -> None:
               "cache_seconds": round(cache.seconds, 2), "fp32_acr": fp32_acr, "share_p_above_gamma": share_high,
               "models": {}}
     for tag in args.bits:
-        q = quantized_copy(fp32, config, tag, sigma, data.train, dev)
+        q = modified_copy(fp32, config, tag, sigma, data.train, dev)
         run = engine.prepare(q, dev)
         smooth = Smooth(run, 10, sigma, args.chunk * args.chunks_per_batch)
         # warm-up on one image for every batch shape either method will use (compilation is not timed)
@@ -314,7 +328,8 @@ def main() -> None:
     r.add_argument("--fp32", required=True, help="FP32 checkpoint (its σ is used)")
     r.add_argument("--data", required=True)
     r.add_argument("--manifest", required=True)
-    r.add_argument("--bits", type=lambda s: s.split(","), default=["W8A8", "W4A4"])
+    r.add_argument("--models", "--bits", dest="bits", type=lambda s: s.split(","), default=["W8A8", "W4A4"],
+                   help="modified networks: uniform WxAy quantization, fp16 / bf16 weight rounding, fp32 (unchanged)")
     r.add_argument("--images", type=int, default=50, help="val images (spread evenly over the val split)")
     r.add_argument("--n", type=int, default=10_000, help="cached FP32 samples per image")
     r.add_argument("--n0", type=int, default=100)

@@ -1,13 +1,17 @@
-"""The speedup arithmetic of benchmarks/certify.py (IRS vs full re-certification), on hand-made curves."""
+"""benchmarks/certify.py: the speedup arithmetic (IRS vs full re-certification) on hand-made curves, and the
+modified networks it compares."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from arq import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from certify import add_sample_metrics, area_ratio, fastest, time_to_reach  # noqa: E402
+from certify import add_sample_metrics, area_ratio, fastest, modified_copy, time_to_reach  # noqa: E402
 
 BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
 
@@ -60,3 +64,28 @@ def test_sample_speedups_count_forward_passes():
     assert points[0]["baseline_samples_to_same_acr"] == 3000 and points[0]["sample_speedup"] == pytest.approx(3.75)
     assert points[1]["sample_speedup"] is None  # above anything the baseline reached
     assert report["models"]["W8A8"]["irs"]["top_class_losses"]["area_sample_speedup"] > 1
+
+
+@pytest.mark.parametrize("tag, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_float_variants_round_every_weight_and_compute_in_float32(tag, dtype):
+    torch.manual_seed(0)
+    fp32 = models.build("resnet20").eval()
+    low = modified_copy(fp32, {}, tag, 0.25, None, torch.device("cpu"))
+    changed = 0
+    for (name, w), w_low in zip(fp32.state_dict().items(), low.state_dict().values()):
+        if w.is_floating_point():
+            assert w_low.dtype == torch.float32, name
+            assert torch.equal(w_low, w.to(dtype).float()), name
+            changed += int(not torch.equal(w_low, w))
+    assert changed > 0
+    assert next(fp32.parameters()).dtype == torch.float32  # the original is left alone
+
+
+def test_fp32_variant_is_an_unchanged_copy():
+    torch.manual_seed(0)
+    fp32 = models.build("resnet20").eval()
+    same = modified_copy(fp32, {}, "fp32", 0.25, None, torch.device("cpu"))
+    assert same is not fp32
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(same(x), fp32(x))
