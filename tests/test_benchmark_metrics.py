@@ -3,6 +3,7 @@ modified networks it compares."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,17 @@ def test_fp32_variant_is_an_unchanged_copy():
     x = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(same(x), fp32(x))
+
+
+def test_the_irs_repository_int8_leaves_a_resnet20_unchanged():
+    """RESULTS.md compares our W8A8 with the IRS paper's int8. The IRS repository makes that model with
+    quantize_dynamic(net, {Conv2d}, qint8); PyTorch has no dynamic Conv2d mapping, so nothing is swapped."""
+    torch.manual_seed(0)
+    fp32 = models.build("resnet20").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager-mode quantization is deprecated in favour of torchao
+        int8 = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Conv2d}, dtype=torch.qint8)
+    assert {type(m) for m in int8.modules()} == {type(m) for m in fp32.modules()}
+    x = torch.rand(8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(int8(x), fp32(x))
