@@ -7,7 +7,8 @@ noisy samples the executed network classifies differently from the eager float32
 that is the sense in which "the certificate holds for the network as executed" matters.
 
 ``irs``: incremental randomized smoothing against full re-certification of modified models (post-training
-W8A8 / W4A4 by default; ``--models`` adds the IRS paper's fp16/bf16 weight rounding), at equal confidence 1 − (α + α_ζ), on the same val images with the same engine.
+W8A8 / W4A4 by default; ``--models`` also takes the IRS paper's fp16/bf16 weight rounding), at equal
+confidence 1 − (α + α_ζ), on the same val images with the same engine.
 IRS is run over a grid of n_p, full Cohen CERTIFY over a grid of n (at level α + α_ζ); the speedup is the
 baseline's time to reach IRS's ACR (interpolated on its time–ACR curve) over IRS's time, and the IRS paper's
 metric: the ratio of the areas under the two time-vs-ACR curves over their common ACR range; both also in
@@ -124,7 +125,7 @@ def modified_copy(fp32: torch.nn.Module, config: dict, tag: str, sigma: float, c
     calibration). ``fp16`` / ``bf16``: weights and buffers rounded to that format, arithmetic still float32:
     the IRS paper's fp16/bf16 approximations, a much smaller change than 8-bit quantization. ``fp32``: an
     unchanged copy, IRS's best case (ζ from zero disagreements), which is also what the IRS repository's
-    int8 amounts to for CIFAR ResNets (README "Incremental certification (IRS)").
+    int8 amounts to for CIFAR ResNets (benchmarks/RESULTS.md, "IRS vs full re-certification").
     """
     q = copy.deepcopy(fp32)
     if tag in FLOAT_CASTS:
@@ -253,7 +254,7 @@ def run_irs(args) -> None:
               "commit": git_commit(), "repeats": args.repeats,
               "cache_seconds": round(cache.seconds, 2), "fp32_acr": fp32_acr, "share_p_above_gamma": share_high,
               "models": {}}
-    for tag in args.bits:
+    for tag in args.models:
         q = modified_copy(fp32, config, tag, sigma, data.train, dev)
         run = engine.prepare(q, dev)
         smooth = Smooth(run, 10, sigma, args.chunk * args.chunks_per_batch)
@@ -328,7 +329,7 @@ def main() -> None:
     r.add_argument("--fp32", required=True, help="FP32 checkpoint (its σ is used)")
     r.add_argument("--data", required=True)
     r.add_argument("--manifest", required=True)
-    r.add_argument("--models", "--bits", dest="bits", type=lambda s: s.split(","), default=["W8A8", "W4A4"],
+    r.add_argument("--models", "--bits", dest="models", type=lambda s: s.split(","), default=["W8A8", "W4A4"],
                    help="modified networks: uniform WxAy quantization, fp16 / bf16 weight rounding, fp32 (unchanged)")
     r.add_argument("--images", type=int, default=50, help="val images (spread evenly over the val split)")
     r.add_argument("--n", type=int, default=10_000, help="cached FP32 samples per image")
