@@ -129,8 +129,8 @@ def modified_copy(fp32: torch.nn.Module, config: dict, tag: str, sigma: float, c
     """
     q = copy.deepcopy(fp32)
     if tag in FLOAT_CASTS:
-        return q.to(FLOAT_CASTS[tag]).to(torch.float32).eval()
-    if tag != "fp32":
+        q = q.to(FLOAT_CASTS[tag]).to(torch.float32)
+    elif tag != "fp32":
         quantize_for_finetune(q, policy.uniform_policy(config, tag)["layers"], config["quant"], calib, sigma, 256, 0,
                               dev)
     return q.eval()
@@ -306,6 +306,18 @@ def run_irs(args) -> None:
         print(f"wrote {args.out}")
 
 
+def model_tags(text: str) -> list[str]:
+    """``--models``, checked while parsing: a typo should not surface only after the FP32 cache is built."""
+    tags = text.split(",")
+    for tag in tags:
+        if tag not in FLOAT_CASTS and tag != "fp32":
+            try:
+                policy.parse_uniform(tag)
+            except policy.PolicyError as err:
+                raise argparse.ArgumentTypeError(f"{err}, or one of fp16, bf16, fp32") from None
+    return tags
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -329,7 +341,7 @@ def main() -> None:
     r.add_argument("--fp32", required=True, help="FP32 checkpoint (its σ is used)")
     r.add_argument("--data", required=True)
     r.add_argument("--manifest", required=True)
-    r.add_argument("--models", "--bits", dest="models", type=lambda s: s.split(","), default=["W8A8", "W4A4"],
+    r.add_argument("--models", "--bits", dest="models", type=model_tags, default=["W8A8", "W4A4"],
                    help="modified networks: uniform WxAy quantization, fp16 / bf16 weight rounding, fp32 (unchanged)")
     r.add_argument("--images", type=int, default=50, help="val images (spread evenly over the val split)")
     r.add_argument("--n", type=int, default=10_000, help="cached FP32 samples per image")

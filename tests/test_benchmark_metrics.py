@@ -2,6 +2,7 @@
 modified networks it compares."""
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from arq import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from certify import add_sample_metrics, area_ratio, fastest, modified_copy, time_to_reach  # noqa: E402
+from certify import add_sample_metrics, area_ratio, fastest, model_tags, modified_copy, time_to_reach  # noqa: E402
 
 BASE = [(10.0, 0.20), (20.0, 0.30), (40.0, 0.40)]  # (seconds, ACR)
 
@@ -73,7 +74,9 @@ def test_float_variants_round_every_weight_and_compute_in_float32(tag, dtype):
     fp32 = models.build("resnet20").eval()
     low = modified_copy(fp32, {}, tag, 0.25, None, torch.device("cpu"))
     changed = 0
-    for (name, w), w_low in zip(fp32.state_dict().items(), low.state_dict().values()):
+    lowered = low.state_dict()
+    for name, w in fp32.state_dict().items():
+        w_low = lowered[name]
         if w.is_floating_point():
             assert w_low.dtype == torch.float32, name
             assert torch.equal(w_low, w.to(dtype).float()), name
@@ -90,6 +93,12 @@ def test_fp32_variant_is_an_unchanged_copy():
     x = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(same(x), fp32(x))
+
+
+def test_model_tags_are_checked_while_parsing():
+    assert model_tags("W8A8,fp16,bf16,fp32") == ["W8A8", "fp16", "bf16", "fp32"]
+    with pytest.raises(argparse.ArgumentTypeError, match="W<bits>A<bits>.*fp16, bf16, fp32"):
+        model_tags("W8A8,int8")
 
 
 def test_the_irs_repository_int8_leaves_a_resnet20_unchanged():
