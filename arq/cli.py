@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check-config", help="validate a profile and print its hash")
-    p.add_argument("config")
+    p = sub.add_parser("check-config", help="validate a profile (plus optional overlays) and print its hash")
+    p.add_argument("config", help="a complete profile YAML")
+    p.add_argument("overlays", nargs="*", help="partial YAMLs applied on top, key by key, in order")
 
     p = sub.add_parser("prepare", help="verify CIFAR-10 and write the prepared tensor file + manifest")
     _common(p, data=False)
@@ -66,13 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certify", help="Cohen CERTIFY on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
+    p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="TSV in Cohen's format")
     p.add_argument("--summary", required=True, help="JSON summary")
-    p.add_argument("--method", default="fp32")
+    p.add_argument("--method", default="fp32", help="model name the outputs are for (the checkpoint must match)")
 
     p = sub.add_parser("irs-cache", help="certify the FP32 model once on the val subset and cache it for IRS")
     _common(p)
     p.add_argument("--model", required=True, help="FP32 checkpoint")
+    p.add_argument("--sigma", type=float, required=True, help="σ the cache is for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="cache file")
     p.add_argument("--summary", required=True, help="JSON summary")
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model", required=True, help="quantized checkpoint (records its FP32 base)")
     p.add_argument("--cache", required=True, help="IRS cache of that FP32 base")
+    p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="TSV (Cohen's columns plus zeta and branch)")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--method", required=True)
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
+    p.add_argument("--sigma", type=float, required=True, help="σ of the model (the checkpoint must match)")
+    p.add_argument("--method", default="fp32", help="model name (the checkpoint must match)")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=None, help="samples per image (default: certify.n)")
     p.add_argument("--alpha", type=float, default=None, help="test level (default: certify.alpha)")
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cost":
             print(_cost_table(args.arch, args.policy))
             return 0
-        config = cfg.load(args.config)
+        config = cfg.load(args.config, *getattr(args, "overlays", ()))
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if args.command == "check-config":
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             from arq.data import prepare
 
-            m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2)
+            m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2, log=lambda t: print(t, flush=True))
             print(f"prepared {m['sizes']} from {m['source']['path']} → {args.out}")
             return 0
         if args.command == "report":
@@ -183,26 +189,27 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "certify":
             from arq.smoothing import run_certify
 
-            s = run_certify(config, args.model, data, args.out, args.summary, device, args.method)
+            s = run_certify(config, args.model, data, args.out, args.summary, device, args.method, args.sigma)
             print(f"σ={s['sigma']}: clean {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  abstain {s['abstain_rate']:.3f}  "
                   f"{s['samples_per_s']:.0f} samples/s")
         elif args.command == "irs-cache":
             from arq.irs import run_cache
 
-            s = run_cache(config, args.model, data, args.out, args.summary, device)
+            s = run_cache(config, args.model, data, args.out, args.summary, device, args.sigma)
             print(f"σ={s['sigma']}: cached {s['images']} val images, ACR {s['acr']:.3f}, "
                   f"{s['samples_per_s']:.0f} samples/s")
         elif args.command == "certify-incremental":
             from arq.irs import run_incremental
 
-            s = run_incremental(config, args.model, args.cache, data, args.out, args.summary, device, args.method)
+            s = run_incremental(config, args.model, args.cache, data, args.out, args.summary, device, args.method,
+                                args.sigma)
             print(f"{args.method} σ={s['sigma']}: ACR {s['acr']:.3f} (FP32 {s['fp32_acr']:.3f}), branches "
                   f"{s['branches']}, {s['seconds_certifying']:.1f} s")
         elif args.command == "predict":
             from arq.smoothing import run_predict
 
             rows = run_predict(config, args.model, data, args.out, args.n or config["certify"]["n"],
-                               args.alpha or config["certify"]["alpha"], device)
+                               args.alpha or config["certify"]["alpha"], device, args.method, args.sigma)
             print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
         return 0
     except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError) as exc:

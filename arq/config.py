@@ -56,8 +56,7 @@ def validate(config: dict) -> dict:
     return config
 
 
-def load(path: str | Path) -> dict:
-    path = Path(path)
+def _read(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -66,7 +65,38 @@ def load(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a mapping of settings")
-    return validate(config)
+    return config
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` applied key by key (mappings merge recursively, anything else replaces), as
+    Snakemake merges several --configfile files."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(path: str | Path, *overlays: str | Path) -> dict:
+    """A profile, complete on its own, with optional partial overlays applied in order; validated twice.
+
+    A profile never inherits a setting it does not state: it is validated alone before any overlay, so a
+    missing key is an error rather than a silent default from another file."""
+    path = Path(path)
+    config = _read(path)
+    try:
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} is not a complete profile ({exc}); give a complete profile first and any "
+                          "partial overlay after it") from exc
+    for overlay in overlays:
+        config = merge(config, _read(Path(overlay)))
+    if overlays:
+        try:
+            validate(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path} with overlays {', '.join(map(str, overlays))}: {exc}") from exc
+    return config
 
 
 def config_hash(config: dict) -> str:

@@ -53,10 +53,41 @@ class Prepared:
 
 # ----------------------------------------------------------------------------------------------- sources
 
+UNVERIFIED = ("unverified: no data.sha256 and no SHA256SUMS list in the folder, so the images were not checked "
+              "against any reference")
+
+
+def archive_sums(archive: Path) -> Path:
+    return archive.parent / "SHA256SUMS"
+
+
+def _check_file_sums(sums_file: Path, actual: dict[str, str]) -> None:
+    """Every image of the tree must be listed in a sha256sum-style file with the same sum, and vice versa."""
+    listed = {}
+    for n, line in enumerate(sums_file.read_text().splitlines(), 1):
+        parts = line.split(maxsplit=1)
+        if not line.strip():
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise DataError(f"{sums_file}:{n}: not a '<sha256>  <relative path>' line: {line!r}")
+        listed[parts[1].strip().lstrip("*").removeprefix("./")] = parts[0].lower()
+    listed = {name: h for name, h in listed.items() if name.lower().endswith(IMAGE_SUFFIXES)}
+    for name, h in actual.items():
+        if name not in listed:
+            raise DataError(f"{sums_file.parent / name} is not listed in {sums_file} (an added or renamed image?)")
+        if listed[name] != h:
+            raise DataError(f"checksum mismatch for {sums_file.parent / name}: sha256 {h}, {sums_file} lists "
+                            f"{listed[name]} (an altered image)")
+    missing = sorted(set(listed) - set(actual))
+    if missing:
+        raise DataError(f"{sums_file.parent / missing[0]} is listed in {sums_file} but missing"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def _expected_archive_sha256(archive: Path, configured: str | None) -> str:
     if configured:
         return configured
-    sums = archive.parent / "SHA256SUMS"
+    sums = archive_sums(archive)
     if not sums.exists():
         raise DataError(f"no reference checksum for {archive}: set data.sha256 in the config or place a "
                         f"SHA256SUMS file beside the archive")
@@ -122,20 +153,32 @@ def read_folder_source(path: str | Path, expected_sha256: str | None = None, thr
                         entries[(parts[-3], parts[-2], parts[-1])] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"cannot read archive {path}: {exc}") from exc
-        record = {"kind": "folder-archive", "path": str(path), "sha256": actual}
+        how = "data.sha256" if expected_sha256 else f"{archive_sums(path)}"
+        record = {"kind": "folder-archive", "path": str(path), "sha256": actual, "verified": True,
+                  "verification": f"sha256 of the archive matches {how}"}
     else:
         digest = hashlib.sha256()
+        file_sums = {}
         for split in ("train", "test"):
             for file in sorted((path / split).glob("*/*")):
                 if file.suffix.lower() in IMAGE_SUFFIXES:
                     blob = file.read_bytes()
                     entries[(split, file.parent.name, file.name)] = blob
+                    file_sums[f"{split}/{file.parent.name}/{file.name}"] = hashlib.sha256(blob).hexdigest()
                     digest.update(f"{split}/{file.parent.name}/{file.name}\0".encode())
-                    digest.update(hashlib.sha256(blob).digest())
+                    digest.update(bytes.fromhex(file_sums[f"{split}/{file.parent.name}/{file.name}"]))
         tree = digest.hexdigest()
-        if expected_sha256 and tree != expected_sha256:
-            raise DataError(f"checksum mismatch for folder {path}: tree sha256 {tree}, expected {expected_sha256}")
         record = {"kind": "folder-tree", "path": str(path), "tree_sha256": tree}
+        if expected_sha256:
+            if tree != expected_sha256:
+                raise DataError(f"checksum mismatch for folder {path}: tree sha256 {tree}, expected {expected_sha256}")
+            record.update(verified=True, verification="tree sha256 matches data.sha256")
+        elif (path / "SHA256SUMS").exists():
+            _check_file_sums(path / "SHA256SUMS", file_sums)
+            record.update(verified=True, verification=f"sha256 of each of the {len(file_sums)} images matches "
+                                                      f"{path / 'SHA256SUMS'}")
+        else:
+            record.update(verified=False, verification=UNVERIFIED)
     splits = _assemble(entries, str(path), threads)
     record["canonical_order"] = "class name (torchvision class order for labels), then file name"
     return splits, record
@@ -177,7 +220,8 @@ def read_torchvision_source(root: str | Path, download: bool = False, md5s: dict
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch["labels"], dtype=np.int64))
         splits[split] = Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
-    record = {"kind": "torchvision", "path": str(folder), "md5": checked,
+    record = {"kind": "torchvision", "path": str(folder), "md5": checked, "verified": True,
+              "verification": "md5 of every file matches torchvision's published sums",
               "canonical_order": "order of the batch files (data_batch_1..5, test_batch)"}
     return splits, record
 
@@ -198,12 +242,17 @@ def cert_indices(n_test: int, skip: int) -> torch.Tensor:
     return torch.arange(0, n_test, skip)
 
 
-def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threads: int = 2) -> dict:
+def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threads: int = 2, log=print) -> dict:
     d = config["data"]
     if d["source"] == "folder":
         splits, source = read_folder_source(d["path"], d["sha256"], threads)
     else:
         splits, source = read_torchvision_source(d["path"], d["download"])
+    if source["verified"]:
+        log(f"verified {source['path']}: {source['verification']}")
+    else:
+        log(f"WARNING: {source['path']} is {source['verification']}. Set data.sha256 (the tree sha256 recorded in "
+            f"the manifest) or put a SHA256SUMS list in the folder to verify it.")
     train_idx, val_idx = split_indices(len(splits["train"]), d["val_size"], d["split_seed"])
     cidx = cert_indices(len(splits["test"]), d["cert_skip"])
     payload = {
@@ -215,6 +264,7 @@ def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threa
     torch_save(payload, out_file)
     manifest = {
         "dataset": "CIFAR-10",
+        "verified": source["verified"],
         "source": source,
         "classes": list(CLASSES),
         "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(splits["test"]), "cert": len(cidx)},
@@ -238,8 +288,13 @@ def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
     for f in (data_file, manifest_file):
         if not f.exists():
             raise DataError(f"prepared data missing: {f}; run `arq prepare` (the prepare_data rule) first")
-    manifest = json.loads(manifest_file.read_text())
-    if sha256_file(data_file) != manifest["file_sha256"]:
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        expected = manifest["file_sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{manifest_file} is not a readable manifest ({exc}); delete it and {data_file} and run "
+                        "prepare again") from exc
+    if sha256_file(data_file) != expected:
         raise DataError(f"{data_file} does not match its manifest {manifest_file} (corrupt or replaced); "
                         f"delete both and run prepare again")
     p = torch.load(data_file, weights_only=True)

@@ -1,19 +1,23 @@
 """Atomic file output and run provenance.
 
 Every artifact is written to a temporary file in the destination folder and renamed into place, so an
-interrupted stage never leaves a truncated file under a finished name.
+interrupted stage never leaves a truncated file under a finished name. Files get the user's umask (as a plain
+``open`` would), not mkstemp's private 0600, so results on a shared cluster stay readable by the group.
+Checkpoints are serialized in memory first: identical content gives identical bytes, which the sha256
+fingerprints of later stages (and DVC) rely on.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -25,9 +29,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:  # O_EXCL: never another writer's file; mode 0o666 minus the umask, like open()
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,8 +54,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically and byte-reproducibly.
+
+    Saving to a path records that path's name inside the archive (a temporary name would make every save
+    differ); a buffer is recorded under a fixed name."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getbuffer())
+
+
+def set_aside(paths: Iterable[str | os.PathLike], why: str, log: Callable[[str], None] = print) -> None:
+    """Move a corrupt resume file (and its companions) to ``<name>.corrupt`` so a stage can restart cleanly
+    without destroying what may help to diagnose the problem."""
+    paths = [Path(p) for p in paths]
+    moved = []
+    for p in paths:
+        if p.exists():
+            os.replace(p, p.with_name(p.name + ".corrupt"))
+            moved.append(p.name + ".corrupt")
+    log(f"setting {paths[0]} aside ({', '.join(moved) or 'nothing left to move'}): {why}; starting this stage afresh")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -71,10 +97,11 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, threads: bool = True) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = f"cpu ({platform.processor() or platform.machine()}"
+    return name + (f", {torch.get_num_threads()} threads)" if threads else ")")
 
 
 def provenance(config: dict, device: torch.device, wall_seconds: float) -> dict:
@@ -84,6 +111,6 @@ def provenance(config: dict, device: torch.device, wall_seconds: float) -> dict:
         "config_hash": config_hash(config),
         "git_commit": git_commit(),
         "device": device_name(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "wall_seconds": round(wall_seconds, 3),
     }

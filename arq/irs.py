@@ -6,9 +6,21 @@ is regenerated from (seed, image index, chunk) — chunks of a fixed size, each 
 modified network f_p sees bit-identical noise on the same device and dtype.
 
 For f_p, ζ is a one-sided Clopper–Pearson upper bound (level α_ζ), from the first n_p replayed samples, on
-the rate of the disagreements that can lower P[f_p = c_A], and the radius is σΦ⁻¹(p_A − ζ) when p_A < γ. When
-p_A ≥ γ the bound on p_A brings little, so f_p is certified afresh on n_p fresh samples at level α+α_ζ. Either
-way the certificate holds with confidence 1 − (α + α_ζ), which every result records.
+the rate of the disagreements that can lower P[f_p = c_A], and the radius is σΦ⁻¹(p̲_A − ζ) when the cached
+lower bound p̲_A < γ. When p̲_A ≥ γ the bound on p_A brings little, so f_p is certified afresh on n_p fresh
+samples at level α. Every result records the confidence 1 − (α + α_ζ), which holds in both cases. Let E_A be
+"p̲_A exceeds the true P[f = c_A]" (probability ≤ α), E_ζ "ζ is below the true loss rate" (≤ α_ζ) and E_F
+"the fresh bound exceeds the true P[f_p = c_A]" (≤ α):
+- true P[f = c_A] < γ: the fresh branch is only taken when p̲_A ≥ γ, i.e. inside E_A, so a wrong certificate
+  needs E_A or E_ζ: at most α + α_ζ;
+- true P[f = c_A] ≥ γ: the IRS branch is only taken when p̲_A < γ, outside E_A, so a wrong certificate needs
+  E_ζ (IRS branch) or E_F (fresh branch): at most α_ζ + α.
+Running the fresh branch at α + α_ζ, as the IRS paper's confidence might suggest, would give 1 − (α + 2α_ζ)
+in the second case.
+
+The noise is drawn by torch's generators, whose layout is device-specific (on CUDA it depends on the GPU
+model), so the cache records the device name, the torch version and a checksum of one regenerated chunk, and
+a replay that would see other noise is refused (``Cache.check_replay``).
 
 Which disagreements ζ counts (``zeta_counts``): the IRS paper bounds every disagreement, P[f ≠ f_p]
 ("all_disagreements"). Only one kind can cost c_A probability, though:
@@ -27,14 +39,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+from arq import rng
 from arq.io import torch_save
-from arq.smoothing import ABSTAIN, Engine, certified_radius, lower_confidence_bound, upper_confidence_bound
+from arq.smoothing import (ABSTAIN, Engine, certified_radius, lower_confidence_bound, model_device,
+                           upper_confidence_bound)
 
 FORMAT = "arq-irs-cache/1"
 ZETA_COUNTS = ("top_class_losses", "all_disagreements")
 SELECTION_STREAM = 0  # stream ids: 0 = selection (n0), 1.. = estimation chunks, FRESH_BASE.. = fresh samples
 FRESH_BASE = 1 << 20
-NOISE_SCHEME = "blake2b-seed-per-chunk/1"  # recorded in the cache: a replay must regenerate noise the same way
+NOISE_SCHEME = "arq.rng-irs-seed-per-chunk/2"  # recorded in the cache: a replay must regenerate noise the same way
 
 
 class CacheError(RuntimeError):
@@ -42,9 +56,8 @@ class CacheError(RuntimeError):
 
 
 def noise_seed(seed: int, idx: int, stream: int) -> int:
-    """A 63-bit generator seed per (seed, image, stream); hashed, so no two triples share a generator."""
-    digest = hashlib.blake2b(f"{seed}:{idx}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    """A 63-bit generator seed per (seed, image, stream), in IRS's own domain of arq.rng."""
+    return rng.derive_seed("irs", seed, idx, stream)
 
 
 def noise(shape: tuple[int, ...], sigma: float, seed: int, idx: int, streams: range, chunk: int,
@@ -63,15 +76,16 @@ def predictions(model: nn.Module, x: torch.Tensor, sigma: float, seed: int, idx:
     """f(x + ε) for ``num`` samples of streams first_stream, first_stream+1, …; int64 on the model's device.
 
     The noise is always drawn in float32 whatever the engine runs, so it replays identically under any engine."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     x = x.to(device)
     n_chunks = -(-num // chunk)
     out = []
     for c0 in range(0, n_chunks, chunks_per_batch):
         streams = range(first_stream + c0, first_stream + min(c0 + chunks_per_batch, n_chunks))
-        batch = noise(tuple(x.shape), sigma, seed, idx, streams, chunk, device).add_(x)
+        # whole chunks are drawn (the replay unit), but only the samples still needed go through the network
+        batch = noise(tuple(x.shape), sigma, seed, idx, streams, chunk, device)[:num - c0 * chunk].add_(x)
         out.append(model(batch).argmax(1))
-    return torch.cat(out)[:num]
+    return torch.cat(out)
 
 
 @dataclass
@@ -111,6 +125,28 @@ class Cache:
                                  "rebuild the cache (irs_cache stage) for this model and dataset")
         return cls(d["meta"], d["idx"], d["labels"], d["top"], d["p_lower"], d["preds"], d["seconds"], d["extra"])
 
+    def check_replay(self, device: torch.device, shape: tuple[int, ...]) -> None:
+        """Refuse to replay on a device (or torch) whose generators would draw other noise than the cache saw."""
+        m = self.meta
+        if "noise_checksum" not in m:
+            raise CacheError("this IRS cache records no noise checksum (made by an older arq); rebuild it")
+        here = replay_fingerprint(device, shape, m["sigma"], m["seed"], int(self.idx[0]), m["chunk"])
+        if here["noise_checksum"] != m["noise_checksum"]:
+            raise CacheError(f"the IRS cache's noise was drawn on {m['device_name']} with torch {m['torch']}, and "
+                             f"{here['device_name']} with torch {here['torch']} regenerates different noise "
+                             "(torch's generators lay numbers out per device model); rebuild the cache on this "
+                             "device (irs_cache stage) or certify on the cache's device")
+
+
+def replay_fingerprint(device: torch.device, shape: tuple[int, ...], sigma: float, seed: int, idx: int,
+                       chunk: int) -> dict:
+    """Device name, torch version and the sha256 of one regenerated noise chunk (image ``idx``, first stream)."""
+    from arq.io import device_name
+
+    chunk_noise = noise(tuple(shape), sigma, seed, idx, range(1, 2), chunk, device)
+    return {"device_name": device_name(device, threads=False), "torch": str(torch.__version__),
+            "noise_checksum": hashlib.sha256(chunk_noise.cpu().numpy().tobytes()).hexdigest()}
+
 
 def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int], sigma: float, n0: int, n: int,
                 alpha: float, seed: int, chunk: int, chunks_per_batch: int, meta: dict,
@@ -119,7 +155,7 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
     if n % chunk:
         raise ValueError(f"n = {n} must be a multiple of the noise chunk {chunk}")
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     top, p_lower, preds = [], [], []
     iterator = range(len(idx)) if progress is None else progress(range(len(idx)), total=len(idx), initial=0)
     t0 = time.perf_counter()
@@ -137,7 +173,8 @@ def build_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[in
     seconds = time.perf_counter() - t0
     meta = {**meta, "noise_scheme": NOISE_SCHEME, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed,
             "chunk": chunk, "device": device.type,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            **replay_fingerprint(device, tuple(x.shape[1:]), sigma, seed, int(idx[0]), chunk)}
     return Cache(meta, torch.tensor([int(i) for i in idx]), torch.as_tensor(y).long().cpu(), torch.tensor(top),
                  torch.tensor(p_lower, dtype=torch.float64), torch.stack(preds), seconds)
 
@@ -181,7 +218,7 @@ def certify_one(model: nn.Module, cache: Cache, i: int, x: torch.Tensor, n_p: in
             return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, zeta, d, "irs", confidence, lost)
         return IncrementalCertificate(ABSTAIN, 0.0, pl, zeta, d, "irs", confidence, lost)
     pred = predictions(model, x, sigma, m["seed"], idx, FRESH_BASE, n_p, chunk, chunks_per_batch)
-    pl = lower_confidence_bound(int((pred == c_a).sum()), n_p, alpha + alpha_zeta)
+    pl = lower_confidence_bound(int((pred == c_a).sum()), n_p, alpha)  # at α, not α + α_ζ: module docstring
     if pl > 0.5:
         return IncrementalCertificate(c_a, certified_radius(sigma, pl), pl, float("nan"), -1, "fresh", confidence)
     return IncrementalCertificate(ABSTAIN, 0.0, pl, float("nan"), -1, "fresh", confidence)
@@ -193,6 +230,7 @@ def certify_incremental(model: nn.Module, cache: Cache, x: torch.Tensor, n_p: in
     """IRS-CERTIFY every cached image; ``x[i]`` must be the image of ``cache.idx[i]``. Returns results, seconds."""
     if len(x) != len(cache.idx):
         raise CacheError(f"{len(x)} images given for a cache of {len(cache.idx)}")
+    cache.check_replay(model_device(model), tuple(x.shape[1:]))
     model.eval()
     iterator = range(len(x)) if progress is None else progress(range(len(x)), total=len(x), initial=0)
     t0 = time.perf_counter()
@@ -242,7 +280,7 @@ def _val_subset(data, images: int | None):
 
 
 def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summary_json: str | Path,
-              device: torch.device) -> dict:
+              device: torch.device, sigma: float, log: Callable = print) -> dict:
     """The irs_cache stage: certify the FP32 model on the val subset once, keep what IRS replays."""
     from arq import models
     from arq.io import provenance, sha256_file, write_json
@@ -250,7 +288,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
 
     start = time.perf_counter()
     ic = config["irs"]
-    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
     if "policy" in meta:
         raise models.CheckpointError(f"{model_path} is quantized; the IRS cache is built from the FP32 model")
     engine = Engine.from_config(config)
@@ -276,17 +314,19 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
 
 
 def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path, data, out_tsv: str | Path,
-                    summary_json: str | Path, device: torch.device, method: str) -> dict:
+                    summary_json: str | Path, device: torch.device, method: str, sigma: float,
+                    log: Callable = print) -> dict:
     """Certify a quantized checkpoint incrementally against the cache of the FP32 model it was made from."""
     import datetime
+    from decimal import ROUND_CEILING
 
     from arq import models
     from arq.io import provenance, write_json
-    from arq.smoothing import _progress, summarize, to_unit, write_tsv
+    from arq.smoothing import _progress, format_bound, summarize, to_unit, write_tsv
 
     start = time.perf_counter()
     ic = config["irs"]
-    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    model, meta = models.load_for_stage(model_path, config, sigma, method, log)
     if "base_sha256" not in meta:
         raise models.CheckpointError(f"{model_path} records no FP32 base model; IRS needs the cache of its base")
     engine = Engine.from_config(config)
@@ -300,8 +340,8 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
                                            ic["gamma"], ic["chunks_per_batch"],
                                            _progress(f"irs {method} σ={cache.meta['sigma']}"), ic["zeta_counts"])
     per_image = seconds / max(len(results), 1)
-    rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": f"{r.radius:.6g}",
-             "correct": int(r.prediction == int(y)), "zeta": f"{r.zeta:.6g}", "branch": r.branch,
+    rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": format_bound(r.radius),
+             "correct": int(r.prediction == int(y)), "zeta": format_bound(r.zeta, ROUND_CEILING), "branch": r.branch,
              "time": str(datetime.timedelta(seconds=per_image))}
             for i, y, r in zip(cache.idx.tolist(), cache.labels.tolist(), results)]
     write_tsv(out_tsv, rows, IRS_TSV_COLUMNS)

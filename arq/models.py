@@ -142,9 +142,28 @@ def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu
     if "policy" in ckpt:  # a quantized model: recreate its quantized layers before loading their state
         from arq.quant import apply_policy
 
-        apply_policy(model, ckpt["policy"]["layers"])
+        apply_policy(model, ckpt["policy"]["layers"], ckpt.get("weight_clip", "max"))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit architecture {ckpt['arch']!r}: {exc}") from exc
     return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+def load_for_stage(path: str | Path, config: dict, sigma: float | None = None, method: str | None = None,
+                   log=print) -> tuple[nn.Module, dict]:
+    """Load a checkpoint for a stage whose outputs claim an architecture, a σ, a method and a profile, and refuse
+    one that was made for anything else (a σ=0.5 model certified into a σ=0.25 file, say)."""
+    model, meta = load_checkpoint(path, config["model"]["arch"])
+    if sigma is not None and ("sigma" not in meta or abs(float(meta["sigma"]) - float(sigma)) > 1e-9):
+        raise CheckpointError(f"{path} was trained at σ={meta.get('sigma')}, but this stage is for σ={sigma}")
+    have = meta.get("method", "fp32")
+    if method is not None and have != method:
+        raise CheckpointError(f"{path} holds the model {have!r}, but this stage is for {method!r}")
+    profile = meta.get("profile")
+    if profile is None:
+        log(f"note: {path} records no profile (written by an older arq); it cannot be checked against profile "
+            f"{config['profile']!r}")
+    elif profile != config["profile"]:
+        raise CheckpointError(f"{path} belongs to profile {profile!r}, but this run is profile {config['profile']!r}")
+    return model, meta

@@ -1,6 +1,7 @@
 """Fake quantization with a straight-through estimator, applied to any network by module name.
 
-Weights: symmetric, one scale per output channel (max |w| of the channel), integer codes in
+Weights: symmetric, one scale per output channel (from max |w| of the channel, or the clip minimising the
+channel's quantization MSE: ``quant.weight_clip``), integer codes in
 [-(2^(b-1)-1), 2^(b-1)-1] so the range is exactly symmetric and zero is exact. Activations: one scale per
 tensor, quantizing each layer's *input*; unsigned codes [0, 2^b-1] when the calibration data never went
 below zero (the input comes from a ReLU), signed codes otherwise. The clipping range is set by calibration
@@ -40,21 +41,46 @@ def signed_max(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel step: max |w| of the channel over the largest code, shaped to broadcast with w."""
-    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8)
+WEIGHT_CLIPS = ("max", "mse")
+MSE_GRID = 64  # candidate clips per channel: k/64 of the channel's max |w|, k = 1..64
+
+
+def mse_weight_clip(w: torch.Tensor, bits: int, grid: int = MSE_GRID) -> torch.Tensor:
+    """Per-output-channel clip in (0, max |w|] minimising the channel's squared quantization error.
+
+    At 2–3 bits the max clip wastes most codes on rare large weights (on Gaussian weights W2 has relative
+    MSE .715 at the max clip, .194 at the best one), so the search space needs this below 4 bits."""
+    flat = w.detach().flatten(1)
+    amax = flat.abs().amax(1).clamp_min(1e-8)
+    q = signed_max(bits)
+    fracs = torch.arange(1, grid + 1, device=w.device, dtype=flat.dtype) / grid
+    clips = fracs[:, None] * amax[None, :]  # [grid, channels]
+    steps = (clips / q)[:, :, None]
+    err = ((torch.clamp(torch.round(flat[None] / steps), -q, q) * steps - flat[None]) ** 2).sum(2)
+    return clips.gather(0, err.argmin(0, keepdim=True))[0]
+
+
+def weight_scale(w: torch.Tensor, bits: int, clip: str = "max") -> torch.Tensor:
+    """Per-output-channel step: the channel's clip (its max |w|, or the MSE-best clip) over the largest code,
+    shaped to broadcast with w."""
+    if clip == "mse":
+        amax = mse_weight_clip(w, bits)
+    elif clip == "max":
+        amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8)
+    else:
+        raise ValueError(f"weight clip must be one of {WEIGHT_CLIPS}, not {clip!r}")
     return (amax / signed_max(bits)).view(-1, *([1] * (w.dim() - 1)))
 
 
-def weight_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
+def weight_codes(w: torch.Tensor, bits: int, clip: str = "max") -> torch.Tensor:
     """Integer codes of the quantized weight (what integer hardware would store)."""
     q = signed_max(bits)
-    return torch.clamp(torch.round(w / weight_scale(w, bits)), -q, q).to(torch.int32)
+    return torch.clamp(torch.round(w / weight_scale(w, bits, clip)), -q, q).to(torch.int32)
 
 
-def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantized weight; gradients pass straight through to the FP32 weight."""
-    s = weight_scale(w, bits)
+def quantize_weight(w: torch.Tensor, bits: int, clip: str = "max") -> torch.Tensor:
+    """Fake-quantized weight; gradients pass straight through to the FP32 weight (clipped ones too)."""
+    s = weight_scale(w, bits, clip)
     q = signed_max(bits)
     quantized = torch.clamp(torch.round(w / s), -q, q) * s
     if not (torch.is_grad_enabled() and w.requires_grad):
@@ -168,23 +194,26 @@ class _QuantLayer:
 
     w_bits: int
     a_bits: int
+    weight_clip: str
 
-    def _init_quant(self, w_bits: int, a_bits: int) -> None:
-        self.w_bits, self.a_bits = w_bits, a_bits
+    def _init_quant(self, w_bits: int, a_bits: int, weight_clip: str = "max") -> None:
+        if weight_clip not in WEIGHT_CLIPS:
+            raise ValueError(f"weight clip must be one of {WEIGHT_CLIPS}, not {weight_clip!r}")
+        self.w_bits, self.a_bits, self.weight_clip = w_bits, a_bits, weight_clip
         self.act = ActQuantizer(a_bits)
         self._wcache: tuple | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight
         if torch.compiler.is_compiling():  # traced: frozen weights let the compiler fold this into a constant
-            return quantize_weight(w, self.w_bits)
+            return quantize_weight(w, self.w_bits, self.weight_clip)
         if torch.is_grad_enabled():
             self._wcache = None
-            return quantize_weight(w, self.w_bits)
+            return quantize_weight(w, self.w_bits, self.weight_clip)
         version = -1 if w.is_inference() else w._version  # inference tensors keep no version counter
         key = (w.data_ptr(), version, w.device, w.dtype, w.stride())
         if self._wcache is None or self._wcache[0] != key:
-            self._wcache = (key, quantize_weight(w, self.w_bits))
+            self._wcache = (key, quantize_weight(w, self.w_bits, self.weight_clip))
         return self._wcache[1]
 
 
@@ -193,7 +222,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         return self._conv_forward(self.act(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, weight_clip={self.weight_clip}"
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
@@ -201,10 +230,10 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, weight_clip={self.weight_clip}"
 
 
-def _quantized_copy(layer: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+def _quantized_copy(layer: nn.Module, w_bits: int, a_bits: int, weight_clip: str) -> nn.Module:
     """A quantized layer sharing ``layer``'s parameters (the weights are not copied)."""
     if isinstance(layer, nn.Conv2d):
         q = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -213,7 +242,7 @@ def _quantized_copy(layer: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
         q = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
     q.weight = layer.weight
     q.bias = layer.bias
-    q._init_quant(w_bits, a_bits)
+    q._init_quant(w_bits, a_bits, weight_clip)
     q.act.to(layer.weight.device)
     q.train(layer.training)
     return q
@@ -228,20 +257,23 @@ def quantized_layers(model: nn.Module) -> dict[str, _QuantLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, _QuantLayer)}
 
 
-def apply_policy(model: nn.Module, layers: Mapping[str, Mapping[str, int]]) -> nn.Module:
+def apply_policy(model: nn.Module, layers: Mapping[str, Mapping[str, int]], weight_clip: str = "max") -> nn.Module:
     """Replace each named layer by its fake-quantized version with the given bits (in place; returns model).
 
     The policy must already be validated (arq.policy.validate) against this model's layers."""
+    if weight_clip not in WEIGHT_CLIPS:
+        raise ValueError(f"weight clip must be one of {WEIGHT_CLIPS}, not {weight_clip!r}")
     for name, bits in layers.items():
         layer = model.get_submodule(name)
         if isinstance(layer, _QuantLayer):
             layer.w_bits, layer.a_bits, layer.act.bits = int(bits["w_bits"]), int(bits["a_bits"]), int(bits["a_bits"])
+            layer.weight_clip = weight_clip
             layer._wcache = None
             layer.act.calibrated = False  # a new bit-width needs a new range
             continue
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"layer {name!r} is a {type(layer).__name__}, not a Conv2d or Linear")
-        q = _quantized_copy(layer, int(bits["w_bits"]), int(bits["a_bits"]))
+        q = _quantized_copy(layer, int(bits["w_bits"]), int(bits["a_bits"]), weight_clip)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model

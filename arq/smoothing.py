@@ -1,17 +1,20 @@
 """Randomized smoothing (Cohen, Rosenfeld & Kolter 2019): PREDICT and CERTIFY with exact statistics.
 
 Noise is drawn on the model's device in large batches and class counts are accumulated there; the host
-only sees one count vector per image. Each image's noise comes from a generator seeded with (seed, idx),
-so certification is reproducible and an interrupted run resumes with identical results.
+only sees one count vector per image. Each image's noise comes from a generator derived from (purpose, seed,
+idx) by arq.rng, so certification is reproducible, an interrupted run resumes with identical results, and no
+other stage draws the same noise.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import itertools
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,7 +22,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
-from arq.io import write_text
+from arq import rng
+from arq.io import set_aside, write_json, write_text
 
 ABSTAIN = -1
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -120,7 +124,7 @@ class Smooth:
 
     @property
     def device(self) -> torch.device:
-        return next(self.base.parameters()).device
+        return model_device(self.base)
 
     @torch.inference_mode()
     def sample_counts(self, x: torch.Tensor, num: int, gen: torch.Generator) -> torch.Tensor:
@@ -155,6 +159,13 @@ class Smooth:
         return Certificate(c_hat, certified_radius(self.sigma, p_lower), p_lower, n_a)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's tensors live; CPU for a model without parameters or buffers (a fixed function)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def subset_positions(size: int, max_images: int | None) -> torch.Tensor:
     """Positions of at most ``max_images`` images spread evenly over a subset of ``size`` (all when None).
 
@@ -169,23 +180,87 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255) if x.dtype == torch.uint8 else x
 
 
-def image_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + idx)
+def image_generator(seed: int, idx: int, device: torch.device, purpose: str = "certify") -> torch.Generator:
+    """The generator of one image's noise; ``purpose`` (arq.rng) keeps CERTIFY and PREDICT streams apart."""
+    return rng.generator(purpose, seed, idx, device=device)
 
 
 # ------------------------------------------------------------------------------------- dataset certification
 
-def _read_partial(partial: Path, meta: Path, fingerprint: dict) -> list[dict]:
-    """Rows of an interrupted run with the same fingerprint; an incomplete last line is dropped."""
-    if not (partial.exists() and meta.exists()) or json.loads(meta.read_text()) != fingerprint:
+def format_bound(value: float, rounding: str = ROUND_FLOOR, digits: int = 6) -> str:
+    """``value`` to ``digits`` significant digits, rounded towards ``rounding`` (floor for a lower bound such as a
+    radius, ceiling for an upper bound such as ζ), so a number read back from text never claims more."""
+    if not math.isfinite(value) or value == 0:
+        return repr(float(value)) if not math.isfinite(value) else "0"
+    exact = Decimal(value)  # the binary value, exactly
+    text = format(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=rounding), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _row_problem(fields: list[str], idx: int, label: int) -> str | None:
+    """Why a row of a ``.partial`` cannot be the certificate of image ``idx`` with ``label`` (None if it can)."""
+    if len(fields) != len(TSV_COLUMNS):
+        return f"has {len(fields)} columns, expected {len(TSV_COLUMNS)}"
+    row = dict(zip(TSV_COLUMNS, fields))
+    try:
+        r_idx, r_label, r_pred, r_correct = (int(row[k]) for k in ("idx", "label", "predict", "correct"))
+        radius = float(row["radius"])
+        _parse_time(row["time"])
+    except ValueError:
+        return f"does not parse as idx/label/predict/correct integers, a radius and a time: {fields}"
+    if r_idx != idx:
+        return f"is for image {r_idx}, expected image {idx} at this position"
+    if r_label != label:
+        return f"gives label {r_label} for image {idx}, whose label is {label}"
+    if r_correct != int(r_pred == r_label):
+        return f"says correct={r_correct} for prediction {r_pred} and label {r_label}"
+    if not (math.isfinite(radius) and radius >= 0) or (r_pred == ABSTAIN and radius != 0):
+        return f"has an impossible radius {row['radius']} for prediction {r_pred}"
+    return None
+
+
+def _read_partial(partial: Path, meta: Path, fingerprint: dict, idx: list[int], labels: list[int],
+                  log: Callable) -> list[dict]:
+    """Rows of an interrupted run with the same fingerprint, each checked against the image it must certify.
+
+    A torn last line (the run was killed while writing it) is dropped. Anything else that does not fit (an
+    unreadable settings file, a row out of order, missing, duplicated or malformed) sets the partial aside and
+    the certification starts over: a resumed file must never misalign rows and images."""
+    if not partial.exists() and not meta.exists():
+        return []
+    try:
+        stored = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        set_aside([partial, meta], f"its settings file {meta.name} is unreadable ({exc})", log)
+        return []
+    if stored != fingerprint:
+        log(f"discarding {partial}: it was made with another model, data or certification settings")
+        return []
+    try:
+        lines = partial.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        set_aside([partial, meta], f"it is unreadable ({exc})", log)
+        return []
+    if not lines or lines[0] != "\t".join(TSV_COLUMNS) + "\n":
+        set_aside([partial, meta], "its header is not Cohen's TSV header", log)
+        return []
+    body = lines[1:]
+    if body and not body[-1].endswith("\n"):
+        log(f"{partial}: dropping the torn last row {body[-1]!r} (the run was killed while writing it)")
+        body = body[:-1]
+    if len(body) > len(idx):
+        set_aside([partial, meta], f"it holds {len(body)} rows for {len(idx)} images", log)
         return []
     rows = []
-    text = partial.read_text()
-    for line in text.splitlines(keepends=True)[1:]:
+    for k, line in enumerate(body):
         fields = line.rstrip("\n").split("\t")
-        if not line.endswith("\n") or len(fields) != len(TSV_COLUMNS):
-            break
+        problem = _row_problem(fields, idx[k], labels[k])
+        if problem:
+            set_aside([partial, meta], f"row {k + 1} {problem}", log)
+            return []
         rows.append(dict(zip(TSV_COLUMNS, fields)))
+    if rows:
+        log(f"resuming from {partial}: {len(rows)} of {len(idx)} images already certified")
     return rows
 
 
@@ -200,20 +275,19 @@ def write_tsv(path: str | Path, rows: list[dict], columns: tuple[str, ...] = TSV
 
 def certify_dataset(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, idx: Iterable[int], n0: int, n: int,
                     alpha: float, seed: int, out_tsv: str | Path, fingerprint: dict,
-                    progress: Callable | None = None) -> tuple[list[dict], float]:
+                    progress: Callable | None = None, log: Callable = print) -> tuple[list[dict], float]:
     """Certify each image, appending rows to ``<out>.partial`` as they finish; resume from it when its
-    fingerprint matches; publish the complete TSV atomically. Returns the rows and sampling seconds."""
+    fingerprint matches and every row fits its image; publish the complete TSV atomically. Returns the rows and
+    sampling seconds."""
     out_tsv = Path(out_tsv)
     partial, meta = out_tsv.with_name(out_tsv.name + ".partial"), out_tsv.with_name(out_tsv.name + ".partial.json")
     fingerprint = json.loads(json.dumps(fingerprint))  # normalise types for comparison with the stored copy
-    rows = _read_partial(partial, meta, fingerprint)
-    out_tsv.parent.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(fingerprint))
-    with open(partial, "w") as f:  # rewrite what was kept, dropping any torn line
-        f.write("\t".join(TSV_COLUMNS) + "\n")
-        f.writelines(_format_row(r) for r in rows)
+    idx = [int(i) for i in idx]
+    labels = [int(v) for v in y]
+    rows = _read_partial(partial, meta, fingerprint, idx, labels, log)
+    write_json(meta, fingerprint)
+    write_text(partial, "\t".join(TSV_COLUMNS) + "\n" + "".join(_format_row(r) for r in rows))  # torn line dropped
     done = len(rows)
-    idx = list(idx)
     seconds = sum(_parse_time(r["time"]) for r in rows)
     iterator = range(done, len(idx))
     if progress is not None:
@@ -221,12 +295,11 @@ def certify_dataset(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, idx: Itera
     with open(partial, "a") as f:
         for i in iterator:
             t0 = time.perf_counter()
-            cert = smooth.certify(x[i], n0, n, alpha, image_generator(seed, int(idx[i]), smooth.device))
+            cert = smooth.certify(x[i], n0, n, alpha, image_generator(seed, idx[i], smooth.device))
             elapsed = time.perf_counter() - t0
             seconds += elapsed
-            label = int(y[i])
-            row = {"idx": int(idx[i]), "label": label, "predict": cert.prediction, "radius": f"{cert.radius:.6g}",
-                   "correct": int(cert.prediction == label), "time": str(datetime.timedelta(seconds=elapsed))}
+            row = {"idx": idx[i], "label": labels[i], "predict": cert.prediction, "radius": format_bound(cert.radius),
+                   "correct": int(cert.prediction == labels[i]), "time": str(datetime.timedelta(seconds=elapsed))}
             f.write(_format_row(row))
             f.flush()
             rows.append(row)
@@ -277,14 +350,16 @@ def _progress(desc: str):
 
 
 def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path, summary_json: str | Path,
-                device: torch.device, method: str = "fp32") -> dict:
-    """CERTIFY every image of the certification subset with the profile's (N0, N, α); TSV + JSON summary."""
+                device: torch.device, method: str, sigma: float, log: Callable = print) -> dict:
+    """CERTIFY every image of the certification subset with the profile's (N0, N, α); TSV + JSON summary.
+
+    The checkpoint must be the ``method`` model trained at ``sigma`` of this profile: what the outputs claim."""
     from arq import models
-    from arq.io import provenance, sha256_file, write_json
+    from arq.io import provenance, sha256_file
 
     start = time.perf_counter()
     cc = config["certify"]
-    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    model, meta = models.load_for_stage(model_path, config, sigma, method, log)
     engine = Engine.from_config(config)
     sigma = float(meta["sigma"])
     smooth = Smooth(engine.prepare(model, device), len(data.manifest["classes"]), sigma, cc["batch_size"])
@@ -294,7 +369,7 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
                    "data": data.manifest["file_sha256"]}
     rows, seconds = certify_dataset(smooth, to_unit(data.cert.x[pick]), data.cert.y[pick], data.cert_idx[pick].tolist(), cc["n0"],
                                     cc["n"], cc["alpha"], cc["seed"], out_tsv, fingerprint,
-                                    _progress(f"certify σ={sigma}"))
+                                    _progress(f"certify σ={sigma}"), log)
     bitops_pct = float(meta["policy"]["bitops_pct"]) if "policy" in meta else 100.0
     summary = {"method": method, "sigma": sigma, "bitops_pct": bitops_pct, "n0": cc["n0"], "n": cc["n"],
                "alpha": cc["alpha"], **summarize(rows, config["report"]["radii"]),
@@ -308,11 +383,11 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
 
 
 def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path, n: int, alpha: float,
-                device: torch.device) -> list[dict]:
+                device: torch.device, method: str, sigma: float, log: Callable = print) -> list[dict]:
     """PREDICT on the certification subset; Cohen's prediction format (idx label predict correct time)."""
     from arq import models
 
-    model, meta = models.load_checkpoint(model_path, config["model"]["arch"])
+    model, meta = models.load_for_stage(model_path, config, sigma, method, log)
     smooth = Smooth(Engine.from_config(config).prepare(model, device), len(data.manifest["classes"]),
                     float(meta["sigma"]), config["certify"]["batch_size"])
     pick = subset_positions(len(data.cert), config["certify"]["max_images"]).tolist()
@@ -320,7 +395,8 @@ def run_predict(config: dict, model_path: str | Path, data, out_tsv: str | Path,
     for i in _progress("predict")(pick, total=len(pick), initial=0):
         t0 = time.perf_counter()
         idx = int(data.cert_idx[i])
-        pred = smooth.predict(to_unit(data.cert.x[i]), n, alpha, image_generator(config["certify"]["seed"], idx, device))
+        pred = smooth.predict(to_unit(data.cert.x[i]), n, alpha, image_generator(config["certify"]["seed"], idx, device,
+                                                                                 "predict"))
         label = int(data.cert.y[i])
         rows.append({"idx": idx, "label": label, "predict": pred, "correct": int(pred == label),
                      "time": str(datetime.timedelta(seconds=time.perf_counter() - t0))})

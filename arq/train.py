@@ -2,7 +2,7 @@
 
 The whole training split stays on the device as uint8; cropping, flipping and Gaussian noise are done on
 the device per batch, so a GPU never waits on the host. Randomness of epoch e comes from a generator
-seeded with (seed, e), so a run resumed from the checkpoint of epoch e-1 repeats an uninterrupted run.
+derived from (stage, seed, e) (arq.rng), so a run resumed from the checkpoint of epoch e-1 repeats an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arq import models, quant
+from arq import models, quant, rng
 from arq.config import config_hash
 from arq.data import Prepared, Split
-from arq.io import provenance, torch_save, write_json, write_text
+from arq.io import provenance, set_aside, torch_save, write_json, write_text
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+def epoch_generator(stream: str, seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator of one epoch of a training loop (``stream``: 'train' or 'finetune', see arq.rng)."""
+    return rng.generator(stream, seed, epoch, device=device)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -73,7 +74,14 @@ def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sch
     """(history, epochs done) from a matching resume checkpoint; ([], 0) when there is none or it differs."""
     if not resume_path.exists():
         return [], 0
-    ckpt = torch.load(resume_path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(resume_path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"fingerprint", "epoch", "state_dict", "optimizer", "scheduler",
+                                              "history"} <= set(ckpt):
+            raise ValueError("not a resume checkpoint of this stage")
+    except Exception as exc:  # a truncated or foreign file: torch raises many types
+        set_aside([resume_path], f"it cannot be read as a resume checkpoint ({type(exc).__name__}: {exc})", log)
+        return [], 0
     if ckpt.get("fingerprint") != fingerprint:
         log(f"ignoring {resume_path}: it was made with another recipe, σ, policy or dataset; starting afresh")
         return [], 0
@@ -84,18 +92,19 @@ def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sch
     return ckpt["history"], ckpt["epoch"]
 
 
-def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, seed: int,
-               epochs: int, batch_size: int, device: torch.device, log=print, first_epoch: int = 0,
+def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, stream: str,
+               seed: int, epochs: int, batch_size: int, device: torch.device, log=print, first_epoch: int = 0,
                history: list[dict] | None = None, on_epoch=None) -> list[dict]:
     """The training loop every stage shares (base training, QAT finetune, search episodes).
 
     Each epoch: crop/flip + N(0, σ²) noise on the device, SGD steps, then noisy accuracy on ``val_split``.
+    ``stream`` names the random stream (arq.rng purpose) so that two stages with equal seeds draw different noise.
     ``on_epoch(epoch, history)`` runs after each epoch (the stages save their resume checkpoint there)."""
     history = list(history or [])
     n, bs = len(train_split), batch_size
     for epoch in range(first_epoch, epochs):
         model.train()
-        gen = epoch_generator(seed, epoch, device)
+        gen = epoch_generator(stream, seed, epoch, device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
@@ -157,14 +166,15 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
     log(f"training {config['model']['arch']} at σ={sigma} on {len(train_split)} images for {tc['epochs']} epochs "
         f"on {device}")
-    history = run_epochs(model, opt, sched, train_split, val_split, sigma, tc["seed"], tc["epochs"], tc["batch_size"],
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, "train", tc["seed"], tc["epochs"], tc["batch_size"],
                          device, log, first_epoch, history,
                          _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
 
     wall = time.perf_counter() - start
     models.save_checkpoint(out_model, model.to(memory_format=torch.contiguous_format).cpu(),
-                           config["model"]["arch"], sigma=sigma, epoch=tc["epochs"],
-                           config_hash=config_hash(config), data_sha256=data.manifest["file_sha256"])
+                           config["model"]["arch"], sigma=sigma, epoch=tc["epochs"], method="fp32",
+                           profile=config["profile"], config_hash=config_hash(config),
+                           data_sha256=data.manifest["file_sha256"])
     summary = {"sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
                "final_noisy_val_acc": history[-1]["noisy_val_acc"],
                "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
@@ -179,7 +189,7 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
 def calibration_batches(split: Split, sigma: float, images: int, batch_size: int, seed: int,
                         device: torch.device):
     """Noisy copies of the first ``images`` training images, as the quantized model will see them."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = rng.generator("calibrate", seed, device=device)
     x_all = split.x[:images]
     for i in range(0, len(x_all), batch_size):
         x = x_all[i:i + batch_size].to(device).float().div_(255)
@@ -189,7 +199,7 @@ def calibration_batches(split: Split, sigma: float, images: int, batch_size: int
 def quantize_for_finetune(model: nn.Module, layers: dict, quant_config: dict, calib: Split, sigma: float,
                           batch_size: int, seed: int, device: torch.device) -> dict:
     """Apply a policy to an FP32 model, calibrate its activation ranges under noise, set clip learning."""
-    quant.apply_policy(model, layers)
+    quant.apply_policy(model, layers, quant_config["weight_clip"])
     qc = quant_config["calibration"]
     ranges = quant.calibrate(model, calibration_batches(calib, sigma, qc["images"], batch_size, seed, device),
                              qc["method"])
@@ -212,11 +222,9 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
 
     fc = config["finetune"]
     start = time.perf_counter()
-    model, meta = models.load_checkpoint(base_model, config["model"]["arch"])
+    model, meta = models.load_for_stage(base_model, config, sigma, log=log)
     if "policy" in meta:
         raise models.CheckpointError(f"{base_model} is already quantized; finetune starts from an FP32 model")
-    if abs(float(meta["sigma"]) - sigma) > 1e-12:
-        raise models.CheckpointError(f"{base_model} was trained at σ={meta['sigma']}, not σ={sigma}")
     model.to(device)
     base_sha = sha256_file(base_model)
     train_split = _to_device(_first(data.train, fc["train_images"]), device)
@@ -236,22 +244,24 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
     if first_epoch == 0:
-        val_acc = noisy_accuracy(model, val_split, sigma, 1000, epoch_generator(fc["seed"], -1, device))
+        val_acc = noisy_accuracy(model, val_split, sigma, 1000, rng.generator("finetune-eval", fc["seed"], device=device))
         log(f"after calibration (before QAT): noisy val acc {val_acc:.4f}")
-    history = run_epochs(model, opt, sched, train_split, val_split, sigma, fc["seed"], fc["epochs"], fc["batch_size"],
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, "finetune", fc["seed"], fc["epochs"], fc["batch_size"],
                          device, log, first_epoch, history,
                          _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
     if not history:  # epochs: 0 = post-training quantization (calibration only)
         history = [{"epoch": 0, "lr": 0.0, "loss": None, "train_acc": None,
                     "noisy_val_acc": round(noisy_accuracy(model, val_split, sigma, 1000,
-                                                          epoch_generator(fc["seed"], -1, device)), 5),
+                                                          rng.generator("finetune-eval", fc["seed"], device=device)), 5),
                     "images_per_s": 0.0, "epoch_seconds": 0.0}]
         _write_history(log_csv, history)
 
     wall = time.perf_counter() - start
     model = model.to(memory_format=torch.contiguous_format).cpu()
     models.save_checkpoint(out_model, model, config["model"]["arch"], sigma=sigma, epoch=fc["epochs"], method=method,
-                           policy=policy_doc, base_sha256=base_sha, config_hash=config_hash(config),
+                           profile=config["profile"], policy=policy_doc, weight_clip=config["quant"]["weight_clip"],
+                           base_sha256=base_sha,
+                           config_hash=config_hash(config),
                            data_sha256=data.manifest["file_sha256"])
     summary = {"method": method, "sigma": sigma, "bitops_pct": policy_doc["bitops_pct"], "epochs": fc["epochs"],
                "train_images": len(train_split), "final_noisy_val_acc": history[-1]["noisy_val_acc"],

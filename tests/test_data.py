@@ -48,7 +48,8 @@ def test_archive_decodes_like_the_tree_and_records_its_sha256(tiny_source, tmp_p
     splits, record = read_folder_source(archive, sha)
     assert torch.equal(splits["train"].x, tiny_source.x("train"))
     assert torch.equal(splits["test"].y, tiny_source.y("test"))
-    assert record == {"kind": "folder-archive", "path": str(archive), "sha256": sha,
+    assert record == {"kind": "folder-archive", "path": str(archive), "sha256": sha, "verified": True,
+                      "verification": "sha256 of the archive matches data.sha256",
                       "canonical_order": record["canonical_order"]}
 
 

@@ -344,7 +344,7 @@ def test_inference_reuses_the_quantized_weight_until_the_weight_changes(monkeypa
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(11))
     calls = []
     real = quant.quantize_weight
-    monkeypatch.setattr(quant, "quantize_weight", lambda w, b: calls.append(b) or real(w, b))
+    monkeypatch.setattr(quant, "quantize_weight", lambda w, b, clip: calls.append(b) or real(w, b, clip))
     calibrate(model, [x, x])  # no autograd: the weights are quantized once, not once per batch
     assert len(calls) == 2
     model.eval()

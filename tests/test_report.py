@@ -289,7 +289,8 @@ def test_run_certify_writes_what_the_report_reads(tmp_path, smoke_config):
     cfg["certify"].update(n0=4, n=16, batch_size=20, max_images=5)
     cfg["report"]["radii"] = RADII
     out = tmp_path / "c" / "fp32_sigma0.25.tsv"
-    summary = run_certify(cfg, model_path, data, out, tmp_path / "c" / "fp32_sigma0.25.json", torch.device("cpu"))
+    summary = run_certify(cfg, model_path, data, out, tmp_path / "c" / "fp32_sigma0.25.json", torch.device("cpu"),
+                          "fp32", 0.25)
     on_disk = json.loads((tmp_path / "c" / "fp32_sigma0.25.json").read_text())
     assert on_disk == summary
     synthetic = json.loads(_write_summary(tmp_path / "s.json", 0.25, ROWS_025).read_text())
@@ -334,9 +335,10 @@ def test_smoothing_stages_add_noise_to_pixels_in_unit_range(tmp_path, smoke_conf
     model_path.write_bytes(b"stand-in")  # hashed for the resume fingerprint only
     cfg["certify"].update(n0=4, n=16, batch_size=20, max_images=3)
     if stage == "certify":
-        smoothing.run_certify(cfg, model_path, data, tmp_path / "c.tsv", tmp_path / "c.json", torch.device("cpu"))
+        smoothing.run_certify(cfg, model_path, data, tmp_path / "c.tsv", tmp_path / "c.json", torch.device("cpu"),
+                              "fp32", 0.25)
     else:
-        smoothing.run_predict(cfg, model_path, data, tmp_path / "p.tsv", 16, 0.001, torch.device("cpu"))
+        smoothing.run_predict(cfg, model_path, data, tmp_path / "p.tsv", 16, 0.001, torch.device("cpu"), "fp32", 0.25)
     assert spy.max_abs > 0.5  # it saw the images
     # pixels in [0,1] plus N(0, 0.25²) noise stay far below 1 + 8σ = 3 for 3×16×3072 draws
     assert spy.max_abs < 3.0, f"the base classifier saw inputs up to {spy.max_abs:.1f}: pixels were not scaled to [0,1]"

@@ -15,5 +15,7 @@ rule certify:
         **stage_resources("certify"),
     shell:
         "{ARQ} certify --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.method} "
+        "--sigma {wildcards.sigma} "
         "--model {input.model} --data {input.data} --manifest {input.manifest} "
-        "--out {output.tsv} --summary {output.summary} > {log} 2>&1"
+        "--out {output.tsv} --summary {output.summary}"
+        + LOGGED

@@ -5,10 +5,15 @@ import sys
 import yaml
 
 from arq import budget
-from arq.config import ConfigError, sigma_tag, validate
+from arq.config import ConfigError, config_hash, load, sigma_tag, validate
 from arq.io import write_text
 
+# A profile given with --configfile must be complete on its own (later --configfile files are explicit
+# overlays); otherwise Snakemake would silently fill its missing keys from config/config.yaml. Both the
+# profile alone and the merged result are validated, exactly as `arq check-config PROFILE [OVERLAY...]` does.
 try:
+    if workflow.overwrite_configfiles:
+        load(*workflow.overwrite_configfiles)
     validate(config)
 except ConfigError as exc:
     raise WorkflowError(str(exc))
@@ -21,13 +26,14 @@ LOGS = f"{config['paths']['logs']}/{PROFILE}"
 SIGMAS = [sigma_tag(s) for s in config["sigmas"]]
 ARQ = f"{sys.executable} -m arq"
 
-# The CLI reads the effective configuration (profile file plus any --config overrides) from this file.
-# Rules do not list it as an input; each rule's `params.settings` holds the part it depends on, so a
-# changed setting reruns exactly the stages it affects (Snakemake's params rerun trigger).
-RESOLVED_CONFIG = f"{RESULTS}/config.resolved.yaml"
-_resolved = yaml.safe_dump(config, sort_keys=False)
-if not os.path.exists(RESOLVED_CONFIG) or open(RESOLVED_CONFIG).read() != _resolved:
-    write_text(RESOLVED_CONFIG, _resolved)
+# The CLI reads the effective configuration (profile, overlays, --config overrides) from one file per
+# configuration hash, named in each job's command. It is written once and never changed, so a later parse
+# (a dry run, or an invocation refused by the lock) cannot alter what a running job reads. Rules do not list
+# it as an input; each rule's `params.settings` holds the part it depends on, so a changed setting reruns
+# exactly the stages it affects (Snakemake's params rerun trigger).
+RESOLVED_CONFIG = f"{RESULTS}/config/{config_hash(config)}.yaml"
+if not os.path.exists(RESOLVED_CONFIG):
+    write_text(RESOLVED_CONFIG, yaml.safe_dump(config, sort_keys=False))
 
 # Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
@@ -47,6 +53,15 @@ def policy_path(wildcards):
     if wildcards.method.startswith("uniform_"):
         return f"{RESULTS}/policies/{wildcards.method}.json"
     return f"{RESULTS}/policies/{wildcards.method}_sigma{wildcards.sigma}.json"
+
+
+# Every job's output goes to its log (the latest attempt) and is appended to <log>.attempts, so rerunning an
+# interrupted job (Snakemake deletes the log first) keeps what the interrupted attempt printed. A failed job
+# prints the end of its log on the terminal, where otherwise only Snakemake's "exited with non-zero exit code"
+# would appear. Snakemake runs shell commands with pipefail, so the pipe keeps the job's exit status.
+LOGGED = (' 2>&1 | {{ echo "=== attempt started $(date -u +%Y-%m-%dT%H:%M:%SZ) ==="; tee {log}; }}'
+          ' >> {log}.attempts'
+          ' || {{ rc=$?; echo "--- end of {log} ---" >&2; tail -n 20 {log} >&2; exit $rc; }}')
 
 
 def stage_resources(stage):

@@ -1,7 +1,9 @@
+# update(): Snakemake keeps the previous prepared data (backed up, restored if the job fails) instead of
+# deleting it before the job runs, so a refused source (missing, corrupt) never costs the good copy.
 rule prepare_data:
     output:
-        data=f"{PREPARED}/cifar10.pt",
-        manifest=f"{PREPARED}/manifest.json",
+        data=update(f"{PREPARED}/cifar10.pt"),
+        manifest=update(f"{PREPARED}/manifest.json"),
     params:
         settings=config["data"],
     log:
@@ -11,4 +13,5 @@ rule prepare_data:
         **stage_resources("prepare"),
     shell:
         "{ARQ} prepare --config {RESOLVED_CONFIG} --threads {threads} "
-        "--out {output.data} --manifest-out {output.manifest} > {log} 2>&1"
+        "--out {output.data} --manifest-out {output.manifest}"
+        + LOGGED

@@ -14,9 +14,10 @@ rule irs_cache:
     resources:
         **stage_resources("irs"),
     shell:
-        "{ARQ} irs-cache --config {RESOLVED_CONFIG} --threads {threads} --model {input.model} "
-        "--data {input.data} --manifest {input.manifest} --out {output.cache} --summary {output.summary} "
-        "> {log} 2>&1"
+        "{ARQ} irs-cache --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
+        "--model {input.model} "
+        "--data {input.data} --manifest {input.manifest} --out {output.cache} --summary {output.summary}"
+        + LOGGED
 
 
 rule certify_incremental:
@@ -39,5 +40,7 @@ rule certify_incremental:
         **stage_resources("irs"),
     shell:
         "{ARQ} certify-incremental --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.method} "
+        "--sigma {wildcards.sigma} "
         "--model {input.model} --cache {input.cache} --data {input.data} --manifest {input.manifest} "
-        "--out {output.tsv} --summary {output.summary} > {log} 2>&1"
+        "--out {output.tsv} --summary {output.summary}"
+        + LOGGED

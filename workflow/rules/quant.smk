@@ -9,8 +9,8 @@ rule uniform:
     resources:
         **stage_resources("report"),
     shell:
-        "{ARQ} uniform --config {RESOLVED_CONFIG} --bits W{wildcards.w}A{wildcards.a} --out {output.policy} "
-        "> {log} 2>&1"
+        "{ARQ} uniform --config {RESOLVED_CONFIG} --bits W{wildcards.w}A{wildcards.a} --out {output.policy}"
+        + LOGGED
 
 
 rule finetune:
@@ -36,4 +36,5 @@ rule finetune:
         "{ARQ} finetune --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
         "--method {wildcards.method} --base {input.base} --policy {input.policy} "
         "--data {input.data} --manifest {input.manifest} --out {output.model} "
-        "--metrics {output.metrics} --log-csv {output.history} > {log} 2>&1"
+        "--metrics {output.metrics} --log-csv {output.history}"
+        + LOGGED

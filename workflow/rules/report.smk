@@ -14,5 +14,5 @@ rule report:
         **stage_resources("report"),
     shell:
         "{ARQ} report --config {RESOLVED_CONFIG} --summaries {input.summaries} --tsvs {input.tsvs} "
-        "--table-md {output.table_md} --table-csv {output.table_csv} --figure {output.png} {output.pdf} "
-        "> {log} 2>&1"
+        "--table-md {output.table_md} --table-csv {output.table_csv} --figure {output.png} {output.pdf}"
+        + LOGGED

@@ -16,4 +16,5 @@ rule train_base:
     shell:
         "{ARQ} train --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
         "--data {input.data} --manifest {input.manifest} --out {output.model} "
-        "--metrics {output.metrics} --log-csv {output.history} > {log} 2>&1"
+        "--metrics {output.metrics} --log-csv {output.history}"
+        + LOGGED
