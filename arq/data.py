@@ -128,22 +128,60 @@ def _assemble(entries: dict[tuple[str, str, str], bytes], origin: str, threads: 
     return out
 
 
+def _missing_source(path: Path) -> DataError:
+    return DataError(f"CIFAR-10 source not found: {path} (config data.path). Expected the class-folder copy, "
+                     f"e.g. ../shared/datasets/cifar10-jpeg.tar.gz, or set data.source: torchvision")
+
+
+def _verify_archive(path: Path, expected_sha256: str | None) -> dict:
+    expected = _expected_archive_sha256(path, expected_sha256)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise DataError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected} "
+                        f"(corrupt or partial download; fetch the file again)")
+    how = "data.sha256" if expected_sha256 else f"{archive_sums(path)}"
+    return {"kind": "folder-archive", "path": str(path), "sha256": actual, "verified": True,
+            "verification": f"sha256 of the archive matches {how}"}
+
+
+def _tree_files(path: Path):
+    """(split, class, file name, path) of every image of a class-folder tree, in canonical order."""
+    for split in ("train", "test"):
+        for file in sorted((path / split).glob("*/*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                yield split, file.parent.name, file.name, file
+
+
+def _verify_tree(path: Path, file_sums: dict[str, str], expected_sha256: str | None) -> dict:
+    """Check a tree's per-image sums against data.sha256 (one hash over the tree) or a SHA256SUMS list in it."""
+    digest = hashlib.sha256()
+    for name, h in file_sums.items():  # canonical order
+        digest.update(f"{name}\0".encode())
+        digest.update(bytes.fromhex(h))
+    tree = digest.hexdigest()
+    record = {"kind": "folder-tree", "path": str(path), "tree_sha256": tree}
+    if expected_sha256:
+        if tree != expected_sha256:
+            raise DataError(f"checksum mismatch for folder {path}: tree sha256 {tree}, expected {expected_sha256}")
+        return {**record, "verified": True, "verification": "tree sha256 matches data.sha256"}
+    if (path / "SHA256SUMS").exists():
+        _check_file_sums(path / "SHA256SUMS", file_sums)
+        return {**record, "verified": True,
+                "verification": f"sha256 of each of the {len(file_sums)} images matches {path / 'SHA256SUMS'}"}
+    return {**record, "verified": False, "verification": UNVERIFIED}
+
+
 def read_folder_source(path: str | Path, expected_sha256: str | None = None, threads: int = 2):
     """Read a class-folder tree ``{train,test}/<class>/<image>`` from a directory or a ``.tar.gz``.
 
-    Returns the train and test splits and a provenance record with the checksums that were verified.
+    Returns the train and test splits and a provenance record saying what was verified against what.
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"CIFAR-10 source not found: {path} (config data.path). Expected the class-folder copy, "
-                        f"e.g. ../shared/datasets/cifar10-jpeg.tar.gz, or set data.source: torchvision")
+        raise _missing_source(path)
     entries: dict[tuple[str, str, str], bytes] = {}
     if path.is_file():
-        expected = _expected_archive_sha256(path, expected_sha256)
-        actual = sha256_file(path)
-        if actual != expected:
-            raise DataError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected} "
-                            f"(corrupt or partial download; fetch the file again)")
+        record = _verify_archive(path, expected_sha256)
         try:
             with tarfile.open(path, "r:*") as tar:
                 for member in tar:
@@ -153,35 +191,63 @@ def read_folder_source(path: str | Path, expected_sha256: str | None = None, thr
                         entries[(parts[-3], parts[-2], parts[-1])] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"cannot read archive {path}: {exc}") from exc
-        how = "data.sha256" if expected_sha256 else f"{archive_sums(path)}"
-        record = {"kind": "folder-archive", "path": str(path), "sha256": actual, "verified": True,
-                  "verification": f"sha256 of the archive matches {how}"}
     else:
-        digest = hashlib.sha256()
         file_sums = {}
-        for split in ("train", "test"):
-            for file in sorted((path / split).glob("*/*")):
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    blob = file.read_bytes()
-                    entries[(split, file.parent.name, file.name)] = blob
-                    file_sums[f"{split}/{file.parent.name}/{file.name}"] = hashlib.sha256(blob).hexdigest()
-                    digest.update(f"{split}/{file.parent.name}/{file.name}\0".encode())
-                    digest.update(bytes.fromhex(file_sums[f"{split}/{file.parent.name}/{file.name}"]))
-        tree = digest.hexdigest()
-        record = {"kind": "folder-tree", "path": str(path), "tree_sha256": tree}
-        if expected_sha256:
-            if tree != expected_sha256:
-                raise DataError(f"checksum mismatch for folder {path}: tree sha256 {tree}, expected {expected_sha256}")
-            record.update(verified=True, verification="tree sha256 matches data.sha256")
-        elif (path / "SHA256SUMS").exists():
-            _check_file_sums(path / "SHA256SUMS", file_sums)
-            record.update(verified=True, verification=f"sha256 of each of the {len(file_sums)} images matches "
-                                                      f"{path / 'SHA256SUMS'}")
-        else:
-            record.update(verified=False, verification=UNVERIFIED)
+        for split, cls, name, file in _tree_files(path):
+            entries[(split, cls, name)] = blob = file.read_bytes()
+            file_sums[f"{split}/{cls}/{name}"] = hashlib.sha256(blob).hexdigest()
+        record = _verify_tree(path, file_sums, expected_sha256)
     splits = _assemble(entries, str(path), threads)
     record["canonical_order"] = "class name (torchvision class order for labels), then file name"
     return splits, record
+
+
+def source_inputs(d: dict) -> list[str]:
+    """The files a prepare run will read, so that Snakemake can refuse a missing source before it schedules the
+    job (and deletes the job's previous outputs). Empty for a torchvision source that may download."""
+    path = Path(d["path"])
+    if d["source"] == "torchvision":
+        if d["download"]:
+            return []
+        from torchvision.datasets import CIFAR10
+
+        files = [path / CIFAR10.base_folder / name for name in torchvision_files()]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise DataError(f"CIFAR-10 file missing: {missing[0]} (config data.path = {path}). Set data.download: "
+                            "true to fetch it with torchvision")
+        return [str(f) for f in files]
+    if not path.exists():
+        raise _missing_source(path)
+    if path.is_file():
+        _expected_archive_sha256(path, d["sha256"])  # a reference checksum must exist
+        if not d["sha256"]:
+            return [str(path), str(archive_sums(path))]
+    return [str(path)]
+
+
+def verify_source(d: dict) -> dict:
+    """Verify a source's checksums without decoding it (seconds): what prepare would refuse, refused first."""
+    path = Path(d["path"])
+    if d["source"] == "torchvision":
+        if d["download"]:
+            return {"verified": False, "verification": "downloaded (and md5-checked) by the prepare job"}
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity
+
+        for name, md5 in torchvision_files().items():
+            file = path / CIFAR10.base_folder / name
+            if not file.exists():
+                raise DataError(f"CIFAR-10 file missing: {file} (config data.path = {path})")
+            if not check_integrity(str(file), md5):
+                raise DataError(f"checksum mismatch for {file}: md5 differs from torchvision's {md5}")
+        return {"verified": True, "verification": "md5 of every file matches torchvision's published sums"}
+    if not path.exists():
+        raise _missing_source(path)
+    if path.is_file():
+        return _verify_archive(path, d["sha256"])
+    return _verify_tree(path, {f"{split}/{cls}/{name}": sha256_file(file)
+                               for split, cls, name, file in _tree_files(path)}, d["sha256"])
 
 
 def torchvision_files() -> dict[str, str]:
@@ -264,6 +330,7 @@ def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threa
     torch_save(payload, out_file)
     manifest = {
         "dataset": "CIFAR-10",
+        "settings": d,
         "verified": source["verified"],
         "source": source,
         "classes": list(CLASSES),

@@ -40,7 +40,7 @@ def weight_cache_disabled(model):
     layers = quant.quantized_layers(model).values()
     saved = {id(m): m.quantized_weight for m in layers}
     for m in layers:
-        m.quantized_weight = (lambda m=m: quant.quantize_weight(m.weight, m.w_bits))
+        m.quantized_weight = (lambda m=m: quant.quantize_weight(m.weight, m.w_bits, m.weight_clip))
     try:
         yield
     finally:

@@ -42,6 +42,53 @@ def test_folder_tree_checksum_is_checked_when_given(tiny_source):
         read_folder_source(tiny_source.root, "0" * 64)
 
 
+def test_folder_tree_without_any_reference_is_marked_unverified(tiny_source):
+    """With data.sha256 null and no SHA256SUMS list, nothing can be checked: the record says so."""
+    _, record = read_folder_source(tiny_source.root)
+    assert record["verified"] is False and record["verification"].startswith("unverified")
+
+
+def _write_tree_sums(src) -> Path:
+    lines = [f"{sha256_of(p)}  {p.relative_to(src.root).as_posix()}" for p in sorted(src.root.rglob("*.png"))]
+    (src.root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return src.root / "SHA256SUMS"
+
+
+def test_folder_tree_is_verified_file_by_file_against_its_sha256sums(tiny_source):
+    _write_tree_sums(tiny_source)
+    _, record = read_folder_source(tiny_source.root)
+    assert record["verified"] is True and "each of the 30 images" in record["verification"]
+
+
+def test_an_altered_image_in_a_listed_tree_is_refused(tiny_source):
+    """An altered test JPEG (a certification image) used to prepare with rc=0 when data.sha256 was null."""
+    _write_tree_sums(tiny_source)
+    victim = tiny_source.root / "test" / "cat" / "b.png"
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="checksum mismatch for .*test/cat/b.png"):
+        read_folder_source(tiny_source.root)
+
+
+def test_an_unlisted_or_missing_image_in_a_listed_tree_is_refused(tiny_source):
+    _write_tree_sums(tiny_source)
+    cat = tiny_source.root / "test" / "cat"
+    (cat / "b.png").rename(cat / "c.png")
+    with pytest.raises(DataError, match="c.png is not listed"):
+        read_folder_source(tiny_source.root)
+    (cat / "c.png").unlink()
+    with pytest.raises(DataError, match="b.png is listed in .* but missing"):
+        read_folder_source(tiny_source.root)
+
+
+def test_prepare_warns_about_an_unverified_source_and_records_it(tiny_source, tmp_path, smoke_config):
+    cfg = smoke_config
+    cfg["data"].update(path=str(tiny_source.root), val_size=4, cert_skip=1)
+    said = []
+    manifest = prepare(cfg, tmp_path / "d.pt", tmp_path / "m.json", log=said.append)
+    assert manifest["verified"] is False and manifest["source"]["verification"].startswith("unverified")
+    assert any(s.startswith("WARNING") and "unverified" in s for s in said)
+
+
 def test_archive_decodes_like_the_tree_and_records_its_sha256(tiny_source, tmp_path):
     archive = tiny_source.archive(tmp_path / "dl" / "tiny.tar.gz")
     sha = sha256_of(archive)

@@ -55,8 +55,11 @@ def _tail(r: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------------ fast dry runs
 
 def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
+    require_real_archive(ARCHIVE)  # the DAG checks the source exists before planning prepare_data
     (tmp_path / "config").mkdir()
-    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["data"]["path"] = str(ARCHIVE)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     r = snakemake(tmp_path, "-n", "--cores", "1", timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
@@ -90,6 +93,73 @@ def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), timeout=300)
     assert r.returncode != 0
     assert "certify.alpha" in r.stdout + r.stderr
+
+
+def _overlay(workdir: Path, name: str, settings: dict) -> Path:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_a_profile_missing_a_key_is_refused_not_filled_from_the_default(tmp_path):
+    """A profile without train.epochs used to train the default profile's 90 epochs under Snakemake, while
+    `arq check-config` refused the same file."""
+    require_real_archive(ARCHIVE)
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")  # the default is present
+    config = smoke_copy(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["train"]["epochs"]
+    config.write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), timeout=300)
+    assert r.returncode != 0
+    assert "not a complete profile" in r.stdout + r.stderr and "'epochs' is a required property" in r.stdout + r.stderr
+    check = subprocess.run([sys.executable, "-m", "arq", "check-config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 2 and "'epochs' is a required property" in check.stderr
+
+
+def test_an_explicit_overlay_after_a_complete_profile_applies(tmp_path):
+    require_real_archive(ARCHIVE)
+    config = smoke_copy(tmp_path)
+    overlay = _overlay(tmp_path, "overlay.yaml", {"train": {"epochs": 3}})
+    r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), str(overlay), timeout=300)
+    assert r.returncode == 0, _tail(r)
+    (resolved,) = (tmp_path / "results" / "smoke" / "config").glob("*.yaml")
+    assert yaml.safe_load(resolved.read_text())["train"]["epochs"] == 3
+    bad = _overlay(tmp_path, "bad.yaml", {"train": {"epochs": 0}})
+    r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), str(bad), timeout=300)
+    assert r.returncode != 0 and "train.epochs" in r.stdout + r.stderr
+
+
+def test_a_parse_never_changes_the_configuration_a_running_job_reads(tmp_path):
+    """config.resolved.yaml used to be rewritten at every parse (a -n, or a run refused by the lock), so a
+    running workflow's later jobs could read settings it was not started with. Each configuration now has its
+    own file, named by its hash in the job's command, written once."""
+    require_real_archive(ARCHIVE)
+    config = smoke_copy(tmp_path)
+    r = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(config), timeout=300)
+    assert r.returncode == 0, _tail(r)
+    first = arq_config.config_hash(arq_config.load(config))
+    path = tmp_path / "results" / "smoke" / "config" / f"{first}.yaml"
+    assert f"--config {path}" in r.stdout + r.stderr
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    overlay = _overlay(tmp_path, "n.yaml", {"certify": {"n": 1000}})
+    r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), str(overlay), timeout=300)
+    assert r.returncode == 0, _tail(r)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert yaml.safe_load(path.read_text())["certify"]["n"] == 500
+    assert len(list(path.parent.glob("*.yaml"))) == 2
+    assert not (tmp_path / "results" / "smoke" / "config.resolved.yaml").exists()
+
+
+def test_a_missing_source_is_refused_before_anything_is_scheduled(tmp_path):
+    config = smoke_copy(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["path"] = str(tmp_path / "nowhere" / "cifar10-jpeg.tar.gz")
+    config.write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(config), timeout=300)
+    assert r.returncode != 0
+    assert f"CIFAR-10 source not found: {tmp_path / 'nowhere' / 'cifar10-jpeg.tar.gz'}" in r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------------ the full run
@@ -235,3 +305,58 @@ def test_smoke_incremental_certification(smoke_run):
         lines = (irs_dir / f"{method}_sigma0.25.tsv").read_text().splitlines()
         assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "zeta", "branch", "time"]
         assert len(lines) == 1 + ic["images"]
+
+
+# ----------------------------------------------------------- after the run: logs, refusals that lose nothing
+
+@pytest.mark.e2e
+def test_smoke_job_logs_keep_every_attempt(smoke_run):
+    workdir, cfg = _check_ran(smoke_run)
+    logs = workdir / "logs" / "smoke"
+    attempts = logs / "train_base" / "sigma0.25.log.attempts"
+    text = attempts.read_text()
+    assert text.startswith("=== attempt started ") and "epoch 4/4" in text
+    assert "epoch 4/4" in (logs / "train_base" / "sigma0.25.log").read_text()
+    assert "verified" in (logs / "prepare_data.log").read_text()
+
+
+@pytest.mark.e2e
+def test_smoke_a_corrupt_source_is_refused_without_touching_the_prepared_data(smoke_run, tmp_path):
+    """Snakemake deletes a job's outputs before it runs: a changed data setting pointing at a corrupt archive must
+    be refused while the DAG is built, leaving the good prepared data (and its mtime) as it was."""
+    workdir, cfg = _check_ran(smoke_run)
+    prepared = workdir / "data" / "prepared" / "smoke"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in prepared.iterdir()}
+    bad = tmp_path / "copy" / ARCHIVE.name
+    bad.parent.mkdir()
+    blob = bytearray(ARCHIVE.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    bad.write_bytes(bytes(blob))
+    shutil.copy(ARCHIVE.parent / "SHA256SUMS", bad.parent / "SHA256SUMS")
+    config = workdir / "corrupt.yaml"
+    corrupt = yaml.safe_load(smoke_run[2].read_text())
+    corrupt["data"]["path"] = str(bad)
+    config.write_text(yaml.safe_dump(corrupt))
+    r = snakemake(workdir, "--cores", "1", "--configfile", str(config), timeout=300)
+    assert r.returncode != 0
+    assert f"checksum mismatch for {bad}" in r.stdout + r.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in prepared.iterdir()} == before
+    r = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(smoke_run[2]), timeout=300)
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, _tail(r)
+
+
+@pytest.mark.e2e
+def test_smoke_a_failed_job_shows_its_error_on_the_terminal(smoke_run):
+    """A σ=0.25 model placed where the σ=0.5 model belongs: certify refuses it (the checkpoint's σ is not what
+    the output claims), and the terminal shows arq's message, not only Snakemake's non-zero exit code."""
+    workdir, cfg = _check_ran(smoke_run)
+    models_dir = workdir / "results" / "smoke" / "models"
+    shutil.copytree(models_dir / "fp32_sigma0.25", models_dir / "fp32_sigma0.5")
+    target = f"results/smoke/certify/fp32_sigma0.5.tsv"
+    r = snakemake(workdir, "--cores", "1", "--configfile", str(smoke_run[2]), target, timeout=600)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "arq certify: error:" in out and "trained at σ=0.25, but this stage is for σ=0.5" in out
+    assert not (workdir / target).exists()
+    history = (workdir / "logs" / "smoke" / "certify" / "fp32_sigma0.5.log.attempts").read_text()
+    assert "=== attempt started" in history and "trained at σ=0.25" in history

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from decimal import ROUND_CEILING
 
 import numpy as np
 import pandas as pd
@@ -13,8 +14,10 @@ from arq import models, report
 from arq.data import CLASSES, Prepared, Split
 from arq.smoothing import (
     TSV_COLUMNS,
+    Certificate,
     Smooth,
     certify_dataset,
+    format_bound,
     max_radius,
     read_tsv,
     run_certify,
@@ -165,10 +168,10 @@ def certify_setup():
     return smooth, x, y, idx
 
 
-def _certify(setup, out, fingerprint, progress=None):
+def _certify(setup, out, fingerprint, progress=None, log=print):
     smooth, x, y, idx = setup
     return certify_dataset(smooth, x, y, idx, n0=10, n=100, alpha=0.01, seed=3, out_tsv=out,
-                           fingerprint=fingerprint, progress=progress)
+                           fingerprint=fingerprint, progress=progress, log=log)
 
 
 def _crash_after(k):
@@ -268,6 +271,114 @@ def test_certify_dataset_discards_a_partial_with_another_fingerprint(certify_set
     assert all(r["radius"] != "9.99" for r in read_tsv(out))
 
 
+def _interrupted_after(setup, out, k):
+    with pytest.raises(Interrupt):
+        _certify(setup, out, FP, _crash_after(k))
+    return out.with_name(out.name + ".partial")
+
+
+def _edit_rows(partial, edit):
+    lines = partial.read_text().splitlines(keepends=True)
+    partial.write_text(lines[0] + "".join(edit(lines[1:])))
+
+
+def _swap_label(rows):
+    f = rows[1].rstrip("\n").split("\t")
+    f[1] = str((int(f[1]) + 1) % 10)
+    return [rows[0], "\t".join(f) + "\n", *rows[2:]]
+
+
+def _flip_correct(rows):
+    f = rows[0].rstrip("\n").split("\t")
+    f[4] = str(1 - int(f[4]))
+    return ["\t".join(f) + "\n", *rows[1:]]
+
+
+MISALIGNMENTS = {
+    "a middle row deleted": lambda rows: [rows[0], *rows[2:]],
+    "a row duplicated": lambda rows: [rows[0], rows[0], *rows[1:]],
+    "rows swapped": lambda rows: [rows[1], rows[0], *rows[2:]],
+    "a label changed": _swap_label,
+    "correct inconsistent": _flip_correct,
+    "a radius not a number": lambda rows: ["\t".join(rows[0].split("\t")[:3] + ["abc"] + rows[0].split("\t")[4:]),
+                                           *rows[1:]],
+    "a column missing": lambda rows: ["\t".join(rows[0].split("\t")[1:]), *rows[1:]],
+    "rows for more images than exist": lambda rows: rows * 3,
+}
+
+
+@pytest.mark.parametrize("damage", list(MISALIGNMENTS))
+def test_a_misaligned_partial_is_set_aside_not_resumed(certify_setup, tmp_path, damage):
+    """Resuming used to accept any rows of the right width: deleting one middle row gave a TSV with one image
+    twice, one missing, and a wrong summary, with exit 0. Every row must be the certificate of the image at its
+    position, or the partial is set aside and the certification starts over."""
+    ref = tmp_path / "ref.tsv"
+    _certify(certify_setup, ref, FP)
+    out = tmp_path / "run.tsv"
+    partial = _interrupted_after(certify_setup, out, 4)
+    _edit_rows(partial, MISALIGNMENTS[damage])
+    calls, said = [], []
+    _certify(certify_setup, out, FP, _recording(calls), said.append)
+    assert calls == [(6, 0)]  # started over
+    assert _without_time(out) == _without_time(ref)
+    assert (tmp_path / "run.tsv.partial.corrupt").exists() and (tmp_path / "run.tsv.partial.json.corrupt").exists()
+    assert any("setting" in m and "aside" in m for m in said), said
+
+
+def test_a_torn_partial_settings_file_is_set_aside(certify_setup, tmp_path):
+    """The .partial.json is written atomically now; a torn one (from an older run or a full disk) is set aside
+    with a message, not a JSONDecodeError traceback."""
+    ref = tmp_path / "ref.tsv"
+    _certify(certify_setup, ref, FP)
+    out = tmp_path / "run.tsv"
+    _interrupted_after(certify_setup, out, 3)
+    out.with_name("run.tsv.partial.json").write_text('{"model_sha2')
+    said = []
+    _certify(certify_setup, out, FP, None, said.append)
+    assert _without_time(out) == _without_time(ref)
+    assert any("unreadable" in m for m in said), said
+
+
+def test_a_resumed_certification_says_so(certify_setup, tmp_path):
+    out = tmp_path / "run.tsv"
+    _interrupted_after(certify_setup, out, 2)
+    said = []
+    _certify(certify_setup, out, FP, None, said.append)
+    assert any("resuming" in m and "2 of 6" in m for m in said), said
+
+
+def test_radii_are_written_rounded_down(certify_setup, tmp_path, monkeypatch):
+    """A radius is a lower bound: '%.6g' rounded 0.1234567 up to 0.123457, a certificate larger than proven."""
+    from arq import smoothing
+
+    monkeypatch.setattr(smoothing.Smooth, "certify",
+                        lambda self, x, n0, n, alpha, gen: Certificate(1, 0.1234567, 0.6, 70))
+    rows, _ = _certify(certify_setup, tmp_path / "r.tsv", FP)
+    assert {r["radius"] for r in read_tsv(tmp_path / "r.tsv")} == {"0.123456"}
+    g = torch.Generator().manual_seed(0)
+    for value in (torch.rand(2000, generator=g, dtype=torch.float64) * 3).tolist():
+        text = format_bound(value)
+        assert float(text) <= value and value - float(text) <= 1e-5 * value
+        assert float(format_bound(value, ROUND_CEILING)) >= value
+
+
+def test_smooth_runs_a_base_classifier_without_parameters():
+    fixed = nn.Sequential(nn.Flatten(), nn.Identity())  # no parameters, no buffers: a fixed function of x
+    smooth = Smooth(lambda_module(lambda x: torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long),
+                                                                          10).float()), 10, 0.25)
+    assert smooth.device == torch.device("cpu")
+    cert = smooth.certify(torch.rand(3, 4, 4), 10, 100, 0.01, torch.Generator().manual_seed(0))
+    assert cert.prediction == 0 and cert.radius > 0
+    assert Smooth(fixed, 10, 0.25).device == torch.device("cpu")
+
+
+def lambda_module(fn):
+    class Fn(nn.Module):
+        def forward(self, x):
+            return fn(x)
+    return Fn()
+
+
 # --------------------------------------------------------------------- the certify stage, in process
 
 def _prepared_like_load_prepared():
@@ -342,3 +453,43 @@ def test_smoothing_stages_add_noise_to_pixels_in_unit_range(tmp_path, smoke_conf
     assert spy.max_abs > 0.5  # it saw the images
     # pixels in [0,1] plus N(0, 0.25²) noise stay far below 1 + 8σ = 3 for 3×16×3072 draws
     assert spy.max_abs < 3.0, f"the base classifier saw inputs up to {spy.max_abs:.1f}: pixels were not scaled to [0,1]"
+
+
+# ------------------------------------------------------------- a checkpoint must be what the outputs claim
+
+@pytest.mark.parametrize("sigma, method, profile, complaint", [
+    (0.5, "fp32", "smoke", "trained at σ=0.5, but this stage is for σ=0.25"),
+    (0.25, "uniform_w4a4", "smoke", "holds the model 'uniform_w4a4', but this stage is for 'fp32'"),
+    (0.25, "fp32", "cpu-short", "belongs to profile 'cpu-short', but this run is profile 'smoke'"),
+])
+def test_certify_refuses_a_checkpoint_for_another_sigma_method_or_profile(tmp_path, smoke_config, sigma, method,
+                                                                          profile, complaint):
+    """A σ=0.5 checkpoint used to certify into a file named for σ=0.25 with exit 0."""
+    cfg = smoke_config
+    model_path = tmp_path / "model.pt"
+    models.save_checkpoint(model_path, models.build("resnet20"), "resnet20", sigma=sigma, method=method,
+                           profile=profile)
+    with pytest.raises(models.CheckpointError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
+        run_certify(cfg, model_path, _prepared_like_load_prepared(), tmp_path / "c.tsv", tmp_path / "c.json",
+                    torch.device("cpu"), "fp32", 0.25)
+    assert not (tmp_path / "c.tsv").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_the_cli_names_the_mismatch_instead_of_a_traceback(tmp_path, smoke_config, tiny_source, capsys):
+    import yaml
+
+    from arq.cli import main
+    from arq.data import prepare
+
+    cfg = smoke_config
+    cfg["data"].update(path=str(tiny_source.root), val_size=4, cert_skip=1)
+    config_file = tmp_path / "profile.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    prepare(cfg, tmp_path / "d.pt", tmp_path / "m.json", log=lambda s: None)
+    model_path = tmp_path / "model.pt"
+    models.save_checkpoint(model_path, models.build("resnet20"), "resnet20", sigma=0.5, profile="smoke")
+    rc = main(["certify", "--config", str(config_file), "--data", str(tmp_path / "d.pt"), "--manifest",
+               str(tmp_path / "m.json"), "--model", str(model_path), "--sigma", "0.25", "--out",
+               str(tmp_path / "fp32_sigma0.25.tsv"), "--summary", str(tmp_path / "fp32_sigma0.25.json")])
+    assert rc == 2
+    assert "arq certify: error:" in capsys.readouterr().err

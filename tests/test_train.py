@@ -179,3 +179,27 @@ def test_resume_file_from_another_recipe_is_ignored(tiny_config, tiny_data, tmp_
     _, lines = _run(tiny_config, tiny_data, out)
     assert any(l.startswith("ignoring") for l in lines)
     assert len(_history(out / "train.csv")) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_a_corrupt_resume_file_is_set_aside_and_training_restarts(tiny_config, tiny_data, tmp_path, single_thread,
+                                                                  damage):
+    """A truncated model.resume.pt (killed mid-write by an older arq, a full disk) used to raise a raw
+    traceback on every rerun; it is now kept as .corrupt, with a message, and the stage starts afresh."""
+    straight, _ = _run(tiny_config, tiny_data, tmp_path / "straight")
+
+    def crash_on_epoch_2(msg):
+        if msg.startswith("epoch 2/2"):
+            raise Interrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        _run(tiny_config, tiny_data, out, log=crash_on_epoch_2)
+    resume = out / "resume.pt"
+    blob = resume.read_bytes()
+    resume.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"{\"epoch\": 1}")
+    _, lines = _run(tiny_config, tiny_data, out)
+    assert any("aside" in l and "resume checkpoint" in l for l in lines), lines
+    assert (out / "resume.pt.corrupt").exists()
+    assert any(l.startswith("epoch 1/2") for l in lines)
+    _assert_same_weights(out / "model.pt", tmp_path / "straight" / "model.pt")

@@ -1,11 +1,14 @@
 # Shared helpers: validated config, path layout, the CLI entry point, per-stage resources.
+import json
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
 from arq import budget
 from arq.config import ConfigError, config_hash, load, sigma_tag, validate
+from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
 
 # A profile given with --configfile must be complete on its own (later --configfile files are explicit
@@ -62,6 +65,22 @@ def policy_path(wildcards):
 LOGGED = (' 2>&1 | {{ echo "=== attempt started $(date -u +%Y-%m-%dT%H:%M:%SZ) ==="; tee {log}; }}'
           ' >> {log}.attempts'
           ' || {{ rc=$?; echo "--- end of {log} ---" >&2; tail -n 20 {log} >&2; exit $rc; }}')
+
+
+def source_files(wildcards):
+    """The CIFAR-10 source as prepare_data's input, checked while the DAG is built.
+
+    Snakemake deletes a job's outputs before running it, so a source that prepare would refuse must be refused
+    before the job is scheduled, or it costs the good prepared data: a missing file (or reference checksum)
+    always; a corrupt one whenever the job would rerun over existing data because the data settings changed."""
+    manifest = Path(PREPARED) / "manifest.json"
+    try:
+        inputs = source_inputs(config["data"])
+        if manifest.exists() and json.loads(manifest.read_text()).get("settings") != config["data"]:
+            verify_source(config["data"])
+    except (DataError, ValueError) as exc:
+        raise WorkflowError(f"prepare_data: {exc}")
+    return inputs
 
 
 def stage_resources(stage):

@@ -1,9 +1,9 @@
-# update(): Snakemake keeps the previous prepared data (backed up, restored if the job fails) instead of
-# deleting it before the job runs, so a refused source (missing, corrupt) never costs the good copy.
 rule prepare_data:
+    input:
+        source_files,
     output:
-        data=update(f"{PREPARED}/cifar10.pt"),
-        manifest=update(f"{PREPARED}/manifest.json"),
+        data=f"{PREPARED}/cifar10.pt",
+        manifest=f"{PREPARED}/manifest.json",
     params:
         settings=config["data"],
     log:
