@@ -14,6 +14,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/quant.smk"
 include: "workflow/rules/certify.smk"
 include: "workflow/rules/irs.smk"
+include: "workflow/rules/search.smk"
 include: "workflow/rules/report.smk"
 
 

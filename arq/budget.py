@@ -14,7 +14,8 @@ QUANT_SLOWDOWN = {"train": 1.6, "infer": 1.3}
 
 
 def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
-    """Seconds for the stages of ``config`` built so far (train, finetune, certify) on a device type."""
+    """Seconds for the stages of ``config`` (train, search, finetune, certify, IRS) on a device type; a search
+    episode is priced as calibration + its finetune steps + IRS on the cache's images."""
     if device_type == "cuda":
         rate = ANCHORS["cuda"]
     else:
@@ -31,11 +32,22 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     q = len(config["quant"]["uniform"])
     train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
                                + count(t["val_images"], sizes["val"]) / rate["infer"])
-    finetune = k * q * f["epochs"] * (count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
-                                      + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
+    sc, ic = config["search"], config["irs"]
+    searches = k * len(sc["methods"]) * len(sc["budgets"])
+    models_q = q + len(sc["methods"]) * len(sc["budgets"])  # quantized models per σ: uniform + searched
+    finetune = k * models_q * f["epochs"] * (
+        count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
+        + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
     one_certify = count(c["max_images"], sizes["cert"]) * (c["n0"] + c["n"]) / rate["infer"]
-    certify = k * one_certify * (1 + q * QUANT_SLOWDOWN["infer"])
-    return {"train": train, "finetune": finetune, "certify": certify, "total": train + finetune + certify + 30.0}
+    certify = k * one_certify * (1 + models_q * QUANT_SLOWDOWN["infer"])
+    irs_images = count(ic["images"], sizes["val"])
+    irs = k * irs_images * ((ic["n0"] + ic["n"]) + models_q * ic["n_p"] * QUANT_SLOWDOWN["infer"]) / rate["infer"]
+    episode = (config["quant"]["calibration"]["images"] * QUANT_SLOWDOWN["infer"] / rate["infer"]
+               + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"]
+               + irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"])
+    search = searches * sc["episodes"] * episode
+    return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search,
+            "total": train + finetune + certify + irs + search + 30.0}
 
 
 def _human(seconds: float) -> str:
@@ -49,9 +61,9 @@ def _human(seconds: float) -> str:
 def describe(config: dict, device_type: str, threads: int) -> str:
     here = estimate_seconds(config, device_type, threads)
     where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} threads)"
-    text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} for the FP32 and uniform arms "
-            f"(training {_human(here['train'])}, QAT finetune {_human(here['finetune'])}, "
-            f"certification {_human(here['certify'])})")
+    text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} "
+            f"(training {_human(here['train'])}, searches {_human(here['search'])}, QAT finetune "
+            f"{_human(here['finetune'])}, certification {_human(here['certify'])}, IRS {_human(here['irs'])})")
     if device_type != "cuda":
         gpu = estimate_seconds(config, "cuda")
         text += f"; about {_human(gpu['total'])} on one H100-class GPU"

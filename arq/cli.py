@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--method", required=True)
 
+    p = sub.add_parser("search", help="mixed-precision search (arq, haq or random) at one σ and budget (resumable)")
+    _common(p)
+    p.add_argument("--method", required=True, choices=["arq", "haq", "random"])
+    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
+    p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
+    p.add_argument("--cache", default=None, help="IRS cache of that model (its val images are the search's)")
+    p.add_argument("--out-policy", required=True, help="best policy JSON")
+    p.add_argument("--out-csv", required=True, help="per-episode CSV")
+    p.add_argument("--out-png", required=True, help="learning-curve figure")
+    p.add_argument("--state", default=None, help="per-episode resume checkpoint (default: <out-csv>.state.pt)")
+
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from arq.irs import CacheError
     from arq.policy import PolicyError
+    from arq.search.constraint import BudgetError
 
     args = build_parser().parse_args(argv)
     try:
@@ -205,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sigma)
             print(f"{args.method} σ={s['sigma']}: ACR {s['acr']:.3f} (FP32 {s['fp32_acr']:.3f}), branches "
                   f"{s['branches']}, {s['seconds_certifying']:.1f} s")
+        elif args.command == "search":
+            from arq.search.run import run_search
+
+            doc = run_search(config, args.sigma, args.method, args.budget, args.model, data, args.cache, args.out_csv,
+                             args.out_policy, args.out_png, args.state or f"{args.out_csv}.state.pt", device,
+                             log=lambda t: print(t, flush=True))
+            print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "
+                  f"{doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out_policy}")
         elif args.command == "predict":
             from arq.smoothing import run_predict
 
@@ -212,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.alpha or config["certify"]["alpha"], device, args.method, args.sigma)
             print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
         return 0
-    except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError) as exc:
+    except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError, BudgetError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,8 @@ import hashlib
 import torch
 
 # Every purpose a stage draws noise for; derive_seed refuses others so a typo cannot alias a stream.
-PURPOSES = ("train", "finetune", "finetune-eval", "calibrate", "certify", "predict", "irs")
+PURPOSES = ("train", "finetune", "finetune-eval", "calibrate", "certify", "predict", "irs", "search-calibrate",
+            "search-finetune", "search-cohen", "search-agent")
 
 
 def derive_seed(purpose: str, seed: int, *index: int) -> int:

@@ -187,9 +187,9 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
 # ------------------------------------------------------------------------------------ quantization-aware finetune
 
 def calibration_batches(split: Split, sigma: float, images: int, batch_size: int, seed: int,
-                        device: torch.device):
+                        device: torch.device, purpose: str = "calibrate"):
     """Noisy copies of the first ``images`` training images, as the quantized model will see them."""
-    gen = rng.generator("calibrate", seed, device=device)
+    gen = rng.generator(purpose, seed, device=device)
     x_all = split.x[:images]
     for i in range(0, len(x_all), batch_size):
         x = x_all[i:i + batch_size].to(device).float().div_(255)
@@ -205,6 +205,45 @@ def quantize_for_finetune(model: nn.Module, layers: dict, quant_config: dict, ca
                              qc["method"])
     quant.set_clip_learning(model, quant_config["act_clip"] == "learned")
     return ranges
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weights and biases with weight decay, learned activation ranges without it."""
+    clips = [p for n, p in model.named_parameters() if n.endswith("act.clip") and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if not n.endswith("act.clip")]
+    return [{"params": others}] + ([{"params": clips, "weight_decay": 0.0}] if clips else [])
+
+
+def qat_steps(model: nn.Module, split: Split, sigma: float, steps: int, batch_size: int, lr: float, momentum: float,
+              weight_decay: float, gen: torch.Generator, teacher: nn.Module | None = None) -> float:
+    """A short QAT finetune under noise for a fixed number of SGD steps (a search episode's finetune).
+
+    Batches are drawn with replacement from ``split`` (on the model's device), cropped, flipped and noised like
+    training. With a ``teacher`` (the FP32 model) the loss is the KL divergence to its predictive distribution on
+    the same noisy input, the agreement IRS rewards; otherwise cross-entropy. Returns the mean loss."""
+    if steps == 0:
+        return float("nan")
+    device = split.x.device
+    opt = torch.optim.SGD(param_groups(model), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        idx = torch.randint(len(split), (batch_size,), generator=gen, device=device)
+        x = augment(split.x[idx], gen)
+        x = x + sigma * torch.randn(x.shape, generator=gen, device=device)
+        out = model(x)
+        if teacher is None:
+            loss = F.cross_entropy(out, split.y[idx])
+        else:
+            with torch.no_grad():
+                target = F.softmax(teacher(x), 1)
+            loss = F.kl_div(F.log_softmax(out, 1), target, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+    model.eval()
+    return float(total) / steps
 
 
 def _finetune_fingerprint(config: dict, sigma: float, policy_doc: dict, base_sha: str, data_sha: str) -> dict:
@@ -235,10 +274,7 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
                                    fc["batch_size"], fc["seed"], device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    clips = [p for n, p in model.named_parameters() if n.endswith("act.clip") and p.requires_grad]
-    others = [p for n, p in model.named_parameters() if not n.endswith("act.clip")]
-    groups = [{"params": others}] + ([{"params": clips, "weight_decay": 0.0}] if clips else [])  # no decay on ranges
-    opt = torch.optim.SGD(groups, lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
+    opt = torch.optim.SGD(param_groups(model), lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(fc["epochs"], 1))
     fingerprint = _finetune_fingerprint(config, sigma, policy_doc, base_sha, data.manifest["file_sha256"])
     resume_path = Path(resume_path)

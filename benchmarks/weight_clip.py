@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,23 @@ def relative_weight_mse(model: torch.nn.Module, layers: dict, clip: str) -> floa
     return err / norm
 
 
+def step_seconds(fp32: torch.nn.Module, layers: dict, clip: str, data, sigma: float, steps: int, repeats: int) -> float:
+    """Fastest of ``repeats`` timings of ``steps`` QAT steps (batch 128) of the quantized model: the training cost
+    of the weight clip, measured in this process against the other clip."""
+    from arq import rng
+    from arq.train import qat_steps
+
+    model = quant.apply_policy(copy.deepcopy(fp32), layers, clip)
+    for layer in quant.quantized_layers(model).values():  # ranges are irrelevant to the timing
+        layer.act.calibrated, layer.act.clip.data = True, torch.tensor(4.0)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        qat_steps(model, data.train, sigma, steps, 128, 1e-3, 0.9, 4e-5, rng.generator("search-finetune", 0))
+        best = min(best, time.perf_counter() - t0)
+    return best / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -50,6 +68,8 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=2_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON with every row")
+    ap.add_argument("--timing-only", action="store_true", help="only the seconds per QAT step, max vs mse clip")
+    ap.add_argument("--timing-steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -59,6 +79,19 @@ def main() -> None:
     sigma = float(meta["sigma"])
     fp32_model, _ = models.load_checkpoint(args.fp32)
     costs, rules = policy.for_config(base_cfg)
+    timing = {}
+    for bits in args.bits:
+        layers = policy.uniform_layers(rules, bits, 8)
+        mx, ms = (step_seconds(fp32_model, layers, c, data, sigma, args.timing_steps, 3) for c in ("max", "mse"))
+        timing[f"W{bits}A8"] = {"max_s_per_step": round(mx, 4), "mse_s_per_step": round(ms, 4),
+                                "ratio": round(ms / mx, 3)}
+        print(f"W{bits}A8 QAT step (batch 128): max clip {mx:.3f} s, mse clip {ms:.3f} s → {ms / mx:.2f}×", flush=True)
+    if args.timing_only:
+        if args.out:
+            Path(args.out).write_text(json.dumps({"timing": timing, "device": device_name(device),
+                                                  "torch": str(torch.__version__), "git_commit": git_commit()},
+                                                 indent=2) + "\n")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
@@ -93,6 +126,7 @@ def main() -> None:
               f"{ms['qat_noisy_val_acc']:>8.4f} {ms['seconds_per_epoch'] / mx['seconds_per_epoch']:>18.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"sigma": sigma, "fp32": str(args.fp32), "epochs": args.epochs,
+                                              "timing": timing,
                                               "train_images": args.train_images, "val_images": args.val_images,
                                               "device": device_name(device), "torch": str(torch.__version__),
                                               "git_commit": git_commit(), "rows": rows}, indent=2) + "\n")

@@ -63,13 +63,14 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "1", timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    # FP32 arm per σ, plus W8A8 and W4A4 (one policy each, shared by the σ) finetuned and certified per σ
+    # FP32 arm per σ, plus W8A8 and W4A4 (one policy each, shared by the σ) finetuned and certified per σ,
+    # three searches (arq, haq, random) per σ at the one budget, each finetuned and certified,
     # and IRS: one FP32 cache per σ, each quantized model certified incrementally against it
-    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "finetune": 6, "certify": 9,
-                      "irs_cache": 3, "certify_incremental": 6, "report": 1, "total": 32}
+    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "search": 9, "finetune": 15,
+                      "certify": 18, "irs_cache": 3, "certify_incremental": 15, "report": 1, "total": 68}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
-        for method in ("fp32", "uniform_w8a8", "uniform_w4a4"):
+        for method in ("fp32", "uniform_w8a8", "uniform_w4a4", "arq_b1.5", "haq_b1.5", "random_b1.5"):
             assert f"results/paper/certify/{method}_sigma{sigma}.tsv" in out
     assert "results/paper/policies/uniform_w4a4.json" in out
 
@@ -80,9 +81,9 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train_base"] == 1 and counts["finetune"] == 2 and counts["certify"] == 3
-    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 2
-    assert counts["total"] == 14  # + prepare_data, uniform ×2, report, all
+    assert counts["train_base"] == 1 and counts["search"] == 3 and counts["finetune"] == 5 and counts["certify"] == 6
+    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 5
+    assert counts["total"] == 26  # + prepare_data, uniform ×2, report, all
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
@@ -194,11 +195,14 @@ def test_smoke_report_and_figures(smoke_run):
     assert md.read_text().startswith("# Certification results (profile smoke)")
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("method,sigma,")
-    assert len(lines) == 4
-    assert [l.split(",")[0] for l in lines[1:]] == ["fp32", "uniform_w8a8", "uniform_w4a4"]  # by BitOps, FP32 first
+    assert len(lines) == 7
+    names = [l.split(",")[0] for l in lines[1:]]
+    assert names[:3] == ["fp32", "uniform_w8a8", "uniform_w4a4"]  # by BitOps, FP32 first
+    assert sorted(names[3:]) == ["arq_b1.5", "haq_b1.5", "random_b1.5"]  # the searched policies, within 1.5%
     header = lines[0].split(",")
     bitops = [float(l.split(",")[header.index("bitops_pct")]) for l in lines[1:]]
     assert bitops[0] == 100.0 and bitops[1] == 6.25 and 1.5 < bitops[2] < 1.7
+    assert all(b <= 1.5 for b in bitops[3:])
     for name, magic in (("certified_accuracy.png", b"\x89PNG"), ("certified_accuracy.pdf", b"%PDF")):
         fig = workdir / "figures" / "smoke" / name
         assert fig.stat().st_size > 1000 and fig.read_bytes().startswith(magic)
@@ -307,6 +311,29 @@ def test_smoke_incremental_certification(smoke_run):
         assert len(lines) == 1 + ic["images"]
 
 
+@pytest.mark.e2e
+def test_smoke_searches(smoke_run):
+    """Each method's episode CSV, best policy and learning curve; the policy finetuned and certified like the
+    uniform ones."""
+    import csv as csv_module
+
+    workdir, cfg = _check_ran(smoke_run)
+    results = workdir / "results" / "smoke"
+    for method in ("arq", "haq", "random"):
+        name = f"{method}_b1.5"
+        with open(results / "search" / f"{name}_sigma0.25.csv") as f:
+            rows = list(csv_module.DictReader(f))
+        assert [int(r["episode"]) for r in rows] == list(range(1, cfg["search"]["episodes"] + 1))
+        assert all(float(r["bitops_pct"]) <= 1.5 for r in rows)
+        doc = json.loads((results / "policies" / f"{name}_sigma0.25.json").read_text())
+        assert doc["produced_by"] == f"search {method}" and doc["bitops_pct"] <= 1.5
+        assert doc["reward"] == pytest.approx(max(float(r["reward"]) for r in rows))
+        assert doc["profile"] == "smoke" and doc["git_commit"] and doc["wall_seconds"] > 0
+        assert (workdir / "figures" / "smoke" / "search" / f"{name}_sigma0.25.png").read_bytes()[:4] == b"\x89PNG"
+        summary = json.loads((results / "certify" / f"{name}_sigma0.25.json").read_text())
+        assert summary["method"] == name and summary["bitops_pct"] == pytest.approx(doc["bitops_pct"])
+
+
 # ----------------------------------------------------------- after the run: logs, refusals that lose nothing
 
 @pytest.mark.e2e
@@ -352,11 +379,11 @@ def test_smoke_a_failed_job_shows_its_error_on_the_terminal(smoke_run):
     workdir, cfg = _check_ran(smoke_run)
     models_dir = workdir / "results" / "smoke" / "models"
     shutil.copytree(models_dir / "fp32_sigma0.25", models_dir / "fp32_sigma0.5")
-    target = f"results/smoke/certify/fp32_sigma0.5.tsv"
-    r = snakemake(workdir, "--cores", "1", "--configfile", str(smoke_run[2]), target, timeout=600)
+    target = workdir / "results" / "smoke" / "certify" / "fp32_sigma0.5.tsv"
+    r = snakemake(workdir, str(target), "--cores", "1", "--configfile", str(smoke_run[2]), timeout=600)
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "arq certify: error:" in out and "trained at σ=0.25, but this stage is for σ=0.5" in out
-    assert not (workdir / target).exists()
+    assert not target.exists()
     history = (workdir / "logs" / "smoke" / "certify" / "fp32_sigma0.5.log.attempts").read_text()
     assert "=== attempt started" in history and "trained at σ=0.25" in history

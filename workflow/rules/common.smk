@@ -40,7 +40,9 @@ if not os.path.exists(RESOLVED_CONFIG):
 
 # Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
-METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]]
+BUDGETS = [repr(float(b)) for b in config["search"]["budgets"]]
+SEARCHED = [f"{m}_b{b}" for m in config["search"]["methods"] for b in BUDGETS]  # e.g. arq_b1.5
+METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]] + SEARCHED
 # Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
 IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
 
@@ -49,6 +51,8 @@ wildcard_constraints:
     method=rf"fp32|{QUANT_METHOD}",
     w=r"[2-8]",
     a=r"[2-8]",
+    search=r"arq|haq|random",
+    budget=r"[0-9]+\.[0-9]+",
 
 
 def policy_path(wildcards):
@@ -67,20 +71,25 @@ LOGGED = (' 2>&1 | {{ echo "=== attempt started $(date -u +%Y-%m-%dT%H:%M:%SZ) =
           ' || {{ rc=$?; echo "--- end of {log} ---" >&2; tail -n 20 {log} >&2; exit $rc; }}')
 
 
-def source_files(wildcards):
-    """The CIFAR-10 source as prepare_data's input, checked while the DAG is built.
+def check_source():
+    """Refuse, while the workflow is parsed, a CIFAR-10 source that prepare_data would refuse when it runs.
 
-    Snakemake deletes a job's outputs before running it, so a source that prepare would refuse must be refused
-    before the job is scheduled, or it costs the good prepared data: a missing file (or reference checksum)
-    always; a corrupt one whenever the job would rerun over existing data because the data settings changed."""
-    manifest = Path(PREPARED) / "manifest.json"
+    Snakemake deletes a job's outputs before running it, so a bad source must be caught before prepare_data is
+    scheduled, or it costs the good prepared data. (An input function cannot do this: Snakemake takes its
+    exception as "no producer" and silently keeps the existing files.) Without prepared data, the source must
+    exist; with prepared data made from other data settings, the source's checksums are verified first. With
+    prepared data from the same settings the source is not needed at all (e.g. a reviewer after `dvc pull`)."""
+    data_file, manifest = Path(PREPARED) / "cifar10.pt", Path(PREPARED) / "manifest.json"
     try:
-        inputs = source_inputs(config["data"])
-        if manifest.exists() and json.loads(manifest.read_text()).get("settings") != config["data"]:
+        if not (data_file.exists() and manifest.exists()):
+            source_inputs(config["data"])
+        elif json.loads(manifest.read_text()).get("settings") != config["data"]:
             verify_source(config["data"])
     except (DataError, ValueError) as exc:
         raise WorkflowError(f"prepare_data: {exc}")
-    return inputs
+
+
+check_source()
 
 
 def stage_resources(stage):

@@ -1,6 +1,4 @@
 rule prepare_data:
-    input:
-        source_files,
     output:
         data=f"{PREPARED}/cifar10.pt",
         manifest=f"{PREPARED}/manifest.json",

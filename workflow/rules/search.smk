@@ -1,0 +1,24 @@
+rule search:
+    input:
+        model=f"{RESULTS}/models/fp32_sigma{{sigma}}/model.pt",
+        cache=rules.irs_cache.output.cache,
+        data=rules.prepare_data.output.data,
+        manifest=rules.prepare_data.output.manifest,
+    output:
+        policy=f"{RESULTS}/policies/{{search}}_b{{budget}}_sigma{{sigma}}.json",
+        episodes=f"{RESULTS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.csv",
+        curve=f"{FIGURES}/search/{{search}}_b{{budget}}_sigma{{sigma}}.png",
+    params:
+        settings={k: config[k] for k in ("search", "quant", "model", "irs", "engine")},
+        state=lambda w: f"{RESULTS}/search/{w.search}_b{w.budget}_sigma{w.sigma}.state.pt",
+    log:
+        f"{LOGS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.log",
+    threads: config["resources"]["search"]["threads"]
+    resources:
+        **stage_resources("search"),
+    shell:
+        "{ARQ} search --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.search} "
+        "--sigma {wildcards.sigma} --budget {wildcards.budget} --model {input.model} --cache {input.cache} "
+        "--data {input.data} --manifest {input.manifest} --out-policy {output.policy} "
+        "--out-csv {output.episodes} --out-png {output.curve} --state {params.state}"
+        + LOGGED
