@@ -84,7 +84,8 @@ def episodes(args) -> dict:
         t0 = time.perf_counter()
         reward, info = evaluator(layers)
         rows.append({**{k: round(v, 3) for k, v in info["seconds"].items()},
-                     "total": round(time.perf_counter() - t0, 3), "reward": reward})
+                     "total": round(time.perf_counter() - t0, 3), "reward_value": round(reward, 4),
+                     "acr": round(info["acr"], 4)})
         print(json.dumps(rows[-1]), flush=True)
     mean = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in ("calibrate", "finetune", "reward", "total")}
     target = 3.0 if device.type == "cuda" else 15.0
