@@ -59,6 +59,7 @@ def learning_curve(rows: list[dict], png: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from arq.io import atomic_path
 
@@ -67,6 +68,7 @@ def learning_curve(rows: list[dict], png: Path, title: str) -> None:
     ax.plot(episodes, [r["reward"] for r in rows], ".", ms=3, alpha=0.6, label="reward of the episode")
     ax.plot(episodes, [r["best_reward"] for r in rows], "-", label="best so far")
     ax.set_xlabel("episode")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
