@@ -65,7 +65,8 @@ def _to_device(split: Split, device: torch.device) -> Split:
     return Split(split.x.to(device), split.y.to(device))
 
 
-def _first(split: Split, k: int | None) -> Split:
+def first_images(split: Split, k: int | None) -> Split:
+    """The first ``k`` images of a split (all of them when k is None)."""
     return split if k is None else Split(split.x[:k], split.y[:k])
 
 
@@ -159,8 +160,8 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     opt = torch.optim.SGD(model.parameters(), lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
     fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"])
-    train_split = _to_device(_first(data.train, tc["train_images"]), device)
-    val_split = _to_device(_first(data.val, tc["val_images"]), device)
+    train_split = _to_device(first_images(data.train, tc["train_images"]), device)
+    val_split = _to_device(first_images(data.val, tc["val_images"]), device)
 
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
@@ -266,8 +267,8 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
         raise models.CheckpointError(f"{base_model} is already quantized; finetune starts from an FP32 model")
     model.to(device)
     base_sha = sha256_file(base_model)
-    train_split = _to_device(_first(data.train, fc["train_images"]), device)
-    val_split = _to_device(_first(data.val, fc["val_images"]), device)
+    train_split = _to_device(first_images(data.train, fc["train_images"]), device)
+    val_split = _to_device(first_images(data.val, fc["val_images"]), device)
     log(f"finetuning {method} ({policy_doc['bitops_pct']:.3f}% of FP32 BitOps) at σ={sigma} on {len(train_split)} "
         f"images for {fc['epochs']} epochs on {device}")
     ranges = quantize_for_finetune(model, policy_doc["layers"], config["quant"], train_split, sigma,

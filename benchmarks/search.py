@@ -34,6 +34,7 @@ from arq.io import device_name, git_commit
 from arq.search.constraint import enforce_budget
 from arq.search.evaluate import EpisodeEvaluator, cohen_acr
 from arq.smoothing import Engine, subset_positions, to_unit
+from arq.train import first_images
 
 
 def setup(args):
@@ -58,11 +59,9 @@ def setup(args):
         if args.cache:
             cache.save(args.cache)
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
-    train = data.train if ft["train_images"] is None else Split(data.train.x[:ft["train_images"]],
-                                                                data.train.y[:ft["train_images"]])
+    train = first_images(data.train, ft["train_images"])
     costs, rules = policy.for_config(cfg)
-    evaluator = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "reward": "arq"}}, sigma, train, val,
-                                 len(data.manifest["classes"]), device, cache)
+    evaluator = EpisodeEvaluator(fp32, cfg, sigma, train, val, len(data.manifest["classes"]), device, "arq", cache)
     return cfg, sigma, costs, rules, evaluator, cache, val, device
 
 

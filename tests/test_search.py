@@ -242,12 +242,10 @@ def test_rewards_have_the_right_sign_and_scale(search_setup):
     cache = irs.Cache.load(cache_path)
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
     cpu = torch.device("cpu")
-    arq10 = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "reward": "arq"}}, 0.25, data.train, val, 10,
-                             cpu, cache)
-    arq20 = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "reward": "arq", "arq_lambda": 20.0}}, 0.25,
-                             data.train, val, 10, cpu, cache)
-    haq = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "reward": "haq"}}, 0.25, data.train, val, 10,
-                           cpu)
+    arq10 = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "arq", cache)
+    arq20 = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "arq_lambda": 20.0}}, 0.25, data.train, val,
+                             10, cpu, "arq", cache)
+    haq = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "haq")
     # the FP32 model against itself: HAQ's reward is exactly 0; ARQ's is ≤ 0 (ζ > 0 even with no disagreement)
     assert haq.score(copy.deepcopy(fp32))[0] == 0.0
     r10, info = arq10.score(copy.deepcopy(fp32))
@@ -269,8 +267,7 @@ def test_an_episode_leaves_the_fp32_model_unchanged(search_setup, resnet20):
     before = {k: v.clone() for k, v in fp32.state_dict().items()}
     cache = irs.Cache.load(cache_path)
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
-    ev = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "reward": "arq"}}, 0.25, data.train, val, 10,
-                          torch.device("cpu"), cache)
+    ev = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, torch.device("cpu"), "arq", cache)
     _, rules = resnet20
     reward, info = ev(enforce_budget({n: {"w_bits": 4, "a_bits": 4} for n in rules.layers} |
                                      {n: {"w_bits": 8, "a_bits": 8} for n in rules.pinned}, resnet20[0], rules, 1.5))

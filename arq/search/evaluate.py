@@ -5,7 +5,7 @@ training images, finetunes it for a few QAT steps under noise σ, and scores it 
 (never the test split). Calibration and finetune draw the same noise and batches in every episode (common random
 numbers), so two policies differ in reward only through their bits.
 
-Rewards (``search.reward``):
+Rewards (the search method picks one):
 - ``arq``: λ·(ACR_q − ACR_fp) with ACR_q from incremental certification (IRS) against the FP32 model's cache of
   the same val images and ACR_fp from that cache; with ``search.certifier: cohen`` ACR_q comes instead from
   Cohen's CERTIFY at the same sample count (n_p) and confidence on the same images (the fidelity study).
@@ -40,11 +40,13 @@ class EpisodeEvaluator:
     """Callable ``(layers) -> (reward, info)`` for QuantizationEnv."""
 
     def __init__(self, fp32: nn.Module, config: dict, sigma: float, train: Split, val: Split, num_classes: int,
-                 device: torch.device, cache: Cache | None = None):
+                 device: torch.device, reward: str, cache: Cache | None = None):
         sc = config["search"]
         self.config, self.sigma, self.device, self.num_classes = config, sigma, device, num_classes
         self.fp32 = fp32.to(device).eval()
-        self.reward_kind, self.certifier = sc["reward"], sc["certifier"]
+        if reward not in ("arq", "haq"):
+            raise ValueError(f"unknown reward {reward!r} (arq or haq)")
+        self.reward_kind, self.certifier = reward, sc["certifier"]
         self.ft = sc["finetune"]
         self.train = Split(train.x.to(device), train.y.to(device))
         self.engine = Engine.from_config(config)

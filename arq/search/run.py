@@ -23,9 +23,11 @@ from arq import models, policy
 from arq.config import config_hash
 from arq.io import provenance, set_aside, sha256_file, torch_save, write_text
 from arq.search.constraint import cheapest_layers, enforce_budget
+from arq.data import Split
 from arq.search.ddpg import DDPG, DDPGSettings, RandomAgent
 from arq.search.env import QuantizationEnv
 from arq.search.evaluate import EpisodeEvaluator
+from arq.train import first_images
 
 METHODS = {"arq": ("arq", "ddpg"), "haq": ("haq", "ddpg"), "random": ("arq", "random")}  # reward, agent
 FORMAT = "arq-search-state/1"
@@ -103,13 +105,12 @@ def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path
         pos = cache.idx
     else:
         pos = subset_positions(len(data.val), config["irs"]["images"])
-    val = type(data.val)(data.val.x[pos], data.val.y[pos])  # the search scores on val only, never on test
-    train = data.train if sc["finetune"]["train_images"] is None else \
-        type(data.train)(data.train.x[:sc["finetune"]["train_images"]], data.train.y[:sc["finetune"]["train_images"]])
+    val = Split(data.val.x[pos], data.val.y[pos])  # the search scores on val only, never on test
+    train = first_images(data.train, sc["finetune"]["train_images"])
     costs, rules = policy.for_config(config)
     enforce_budget(cheapest_layers(rules), costs, rules, budget)  # an unreachable budget fails before any work
-    evaluator = EpisodeEvaluator(fp32, {**config, "search": {**sc, "reward": reward_kind}}, sigma, train, val,
-                                 len(data.manifest["classes"]), device, cache)
+    evaluator = EpisodeEvaluator(fp32, config, sigma, train, val, len(data.manifest["classes"]), device, reward_kind,
+                                 cache)
     env = QuantizationEnv(costs, rules, budget, evaluator, sc["act_bits"], sc["fixed_a_bits"])
     agent = make_agent(agent_kind, env.observation_space.shape[0], len(env.steps), sc)
     fp = fingerprint(config, sigma, method, budget, fp32_sha, data_sha, cache.meta if cache else None)
