@@ -108,3 +108,10 @@ def config_hash(config: dict) -> str:
 def sigma_tag(sigma: float) -> str:
     """Canonical text for σ in paths and tables (0.25, 0.5, 1.0)."""
     return repr(float(sigma))
+
+
+def search_settings(config: dict) -> dict:
+    """The settings one search depends on. Which methods and budgets a profile sweeps is left out, so adding a
+    budget neither reruns nor refuses to resume the searches already run."""
+    search = {k: v for k, v in config["search"].items() if k not in ("methods", "budgets")}
+    return {"search": search, **{k: config[k] for k in ("quant", "model", "irs", "engine")}}

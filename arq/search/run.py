@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from arq import models, policy
-from arq.config import config_hash
+from arq.config import config_hash, search_settings
 from arq.io import provenance, set_aside, sha256_file, torch_save, write_text
 from arq.search.constraint import cheapest_layers, enforce_budget
 from arq.data import Split
@@ -43,7 +43,7 @@ def make_agent(kind: str, obs_dim: int, steps: int, sc: dict):
 def fingerprint(config: dict, sigma: float, method: str, budget: float, fp32_sha: str, data_sha: str,
                 cache_meta: dict | None) -> dict:
     """What a search checkpoint must match to be resumed."""
-    return {"search_hash": config_hash({k: config[k] for k in ("search", "quant", "model", "irs", "engine")}),
+    return {"search_hash": config_hash(search_settings(config)),
             "sigma": sigma, "method": method, "budget_pct": budget, "fp32_sha256": fp32_sha, "data_sha256": data_sha,
             "cache_model": (cache_meta or {}).get("model_sha256")}
 

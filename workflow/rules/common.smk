@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from arq import budget
-from arq.config import ConfigError, config_hash, load, sigma_tag, validate
+from arq.config import ConfigError, config_hash, load, search_settings, sigma_tag, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
 

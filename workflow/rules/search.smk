@@ -9,7 +9,7 @@ rule search:
         episodes=f"{RESULTS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.csv",
         curve=f"{FIGURES}/search/{{search}}_b{{budget}}_sigma{{sigma}}.png",
     params:
-        settings={k: config[k] for k in ("search", "quant", "model", "irs", "engine")},
+        settings=search_settings(config),
         state=lambda w: f"{RESULTS}/search/{w.search}_b{w.budget}_sigma{w.sigma}.state.pt",
     log:
         f"{LOGS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.log",
