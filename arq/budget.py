@@ -33,8 +33,8 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
                                + count(t["val_images"], sizes["val"]) / rate["infer"])
     sc, ic = config["search"], config["irs"]
-    searches = k * len(sc["methods"]) * len(sc["budgets"])
-    models_q = q + len(sc["methods"]) * len(sc["budgets"])  # quantized models per σ: uniform + searched
+    hc = config["hawq"]
+    models_q = q + (len(sc["methods"]) + hc["enabled"]) * len(sc["budgets"])  # per σ: uniform, searched, HAWQ
     finetune = k * models_q * f["epochs"] * (
         count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
         + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
@@ -43,11 +43,14 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     irs_images = count(ic["images"], sizes["val"])
     irs = k * irs_images * ((ic["n0"] + ic["n"]) + models_q * ic["n_p"] * QUANT_SLOWDOWN["infer"]) / rate["infer"]
     episode = (config["quant"]["calibration"]["images"] * QUANT_SLOWDOWN["infer"] / rate["infer"]
-               + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"]
-               + irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"])
-    search = searches * sc["episodes"] * episode
-    return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search,
-            "total": train + finetune + certify + irs + search + 30.0}
+               + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"])
+    certified_reward = irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"]  # arq, random; haq: ~0
+    search = k * len(sc["budgets"]) * sc["episodes"] * sum(
+        episode + (certified_reward if m != "haq" else 0.0) for m in sc["methods"])
+    # a Hessian-vector product costs about two training passes over the images, per probe
+    hawq = k * hc["enabled"] * hc["max_iterations"] * hc["probes"] * 2 * min(hc["images"], sizes["train"]) / rate["train"]
+    return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search, "hawq": hawq,
+            "total": train + finetune + certify + irs + search + hawq + 30.0}
 
 
 def _human(seconds: float) -> str:
@@ -62,7 +65,8 @@ def describe(config: dict, device_type: str, threads: int) -> str:
     here = estimate_seconds(config, device_type, threads)
     where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} threads)"
     text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} "
-            f"(training {_human(here['train'])}, searches {_human(here['search'])}, QAT finetune "
+            f"(training {_human(here['train'])}, searches {_human(here['search'])}, HAWQ Hessian at most "
+            f"{_human(here['hawq'])}, QAT finetune "
             f"{_human(here['finetune'])}, certification {_human(here['certify'])}, IRS {_human(here['irs'])})")
     if device_type != "cuda":
         gpu = estimate_seconds(config, "cuda")

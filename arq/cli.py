@@ -100,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-png", required=True, help="learning-curve figure")
     p.add_argument("--state", default=None, help="per-episode resume checkpoint (default: <out-csv>.state.pt)")
 
+    p = sub.add_parser("hessian", help="HAWQ: Hutchinson trace of every quantizable layer's Hessian at σ")
+    _common(p)
+    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
+    p.add_argument("--out", required=True, help="JSON: traces per layer and the convergence history")
+
+    p = sub.add_parser("allocate-hawq", help="HAWQ: bits per layer by integer linear program (CBC) under a budget")
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
+    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
+    p.add_argument("--model", required=True, help="the FP32 checkpoint the traces were computed for")
+    p.add_argument("--hessian", required=True, help="JSON from `arq hessian`")
+    p.add_argument("--out", required=True, help="policy JSON")
+
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
     p.add_argument("--model", required=True)
@@ -109,13 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="samples per image (default: certify.n)")
     p.add_argument("--alpha", type=float, default=None, help="test level (default: certify.alpha)")
 
-    p = sub.add_parser("report", help="table (Markdown + CSV) and certified-accuracy figure (PNG + PDF)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--summaries", nargs="+", required=True)
-    p.add_argument("--tsvs", nargs="+", required=True, help="TSVs in the same order as --summaries")
-    p.add_argument("--table-md", required=True)
-    p.add_argument("--table-csv", required=True)
-    p.add_argument("--figure", nargs=2, required=True, metavar=("PNG", "PDF"))
+    p = sub.add_parser("report", help="comparison table (Markdown, CSV, LaTeX, paired tests) and figures (PNG + PDF)")
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
+    p.add_argument("--summaries", nargs="+", required=True, help="certification summaries (JSON)")
+    p.add_argument("--tsvs", nargs="+", required=True, help="certification TSVs, in the same order as --summaries")
+    p.add_argument("--policies", nargs="*", default=[], help="policy JSONs of the quantized models")
+    p.add_argument("--search-csvs", nargs="*", default=[], help="search episode CSVs (learning-curve figure)")
+    p.add_argument("--report-dir", required=True, help="where table.{md,csv,tex} and tests.csv go")
+    p.add_argument("--figures-dir", required=True, help="where the figures go")
     return parser
 
 
@@ -173,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from arq import report
 
-            df = report.run(config, args.summaries, args.tsvs, args.table_md, args.table_csv, *args.figure)
-            print(df.to_string(index=False))
+            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs))
+            tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out)
+            print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
             return 0
         if args.command == "uniform":
             from arq import policy
@@ -182,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             doc = policy.uniform_policy(config, args.bits)
             policy.save(args.out, doc)
             print(f"{doc['produced_by']}: {doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out}")
+            return 0
+        if args.command == "allocate-hawq":
+            from arq.hawq.ilp import run_allocate
+
+            run_allocate(config, args.sigma, args.budget, args.model, args.hessian, args.out,
+                         log=lambda t: print(t, flush=True))
             return 0
         data = load_prepared(args.data, args.manifest)
         device = _device(config)
@@ -226,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                              log=lambda t: print(t, flush=True))
             print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "
                   f"{doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out_policy}")
+        elif args.command == "hessian":
+            from arq.hawq.hessian import run_hessian
+
+            run_hessian(config, args.sigma, args.model, data, args.out, device, log=lambda t: print(t, flush=True))
         elif args.command == "predict":
             from arq.smoothing import run_predict
 

@@ -13,7 +13,7 @@ import torch
 
 # Every purpose a stage draws noise for; derive_seed refuses others so a typo cannot alias a stream.
 PURPOSES = ("train", "finetune", "finetune-eval", "calibrate", "certify", "predict", "irs", "search-calibrate",
-            "search-finetune", "search-cohen", "search-agent")
+            "search-finetune", "search-cohen", "search-agent", "hessian-noise", "hessian-probes")
 
 
 def derive_seed(purpose: str, seed: int, *index: int) -> int:

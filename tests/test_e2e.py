@@ -65,12 +65,14 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     counts = job_counts(r.stdout + r.stderr)
     # FP32 arm per σ, plus W8A8 and W4A4 (one policy each, shared by the σ) finetuned and certified per σ,
     # three searches (arq, haq, random) per σ at the one budget, each finetuned and certified,
+    # HAWQ (one Hessian per σ, one allocation per σ and budget), each finetuned and certified,
     # and IRS: one FP32 cache per σ, each quantized model certified incrementally against it
-    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "search": 9, "finetune": 15,
-                      "certify": 18, "irs_cache": 3, "certify_incremental": 15, "report": 1, "total": 68}
+    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "search": 9, "hessian": 3,
+                      "allocate_hawq": 3, "finetune": 18, "certify": 21, "irs_cache": 3, "certify_incremental": 18,
+                      "report": 1, "total": 83}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
-        for method in ("fp32", "uniform_w8a8", "uniform_w4a4", "arq_b1.5", "haq_b1.5", "random_b1.5"):
+        for method in ("fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "arq_b1.5", "haq_b1.5", "random_b1.5"):
             assert f"results/paper/certify/{method}_sigma{sigma}.tsv" in out
     assert "results/paper/policies/uniform_w4a4.json" in out
 
@@ -81,9 +83,10 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train_base"] == 1 and counts["search"] == 3 and counts["finetune"] == 5 and counts["certify"] == 6
-    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 5
-    assert counts["total"] == 26  # + prepare_data, uniform ×2, report, all
+    assert counts["train_base"] == 1 and counts["search"] == 3 and counts["finetune"] == 6 and counts["certify"] == 7
+    assert counts["hessian"] == 1 and counts["allocate_hawq"] == 1
+    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 6
+    assert counts["total"] == 31  # + prepare_data, uniform ×2, report, all
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
@@ -191,21 +194,27 @@ def test_smoke_pipeline_succeeds(smoke_run):
 def test_smoke_report_and_figures(smoke_run):
     workdir, cfg = _check_ran(smoke_run)
     report = workdir / "results" / "smoke" / "report"
-    md, csv = report / "table.md", report / "table.csv"
-    assert md.read_text().startswith("# Certification results (profile smoke)")
-    lines = csv.read_text().splitlines()
-    assert lines[0].startswith("method,sigma,")
-    assert len(lines) == 7
-    names = [l.split(",")[0] for l in lines[1:]]
-    assert names[:3] == ["fp32", "uniform_w8a8", "uniform_w4a4"]  # by BitOps, FP32 first
-    assert sorted(names[3:]) == ["arq_b1.5", "haq_b1.5", "random_b1.5"]  # the searched policies, within 1.5%
-    header = lines[0].split(",")
-    bitops = [float(l.split(",")[header.index("bitops_pct")]) for l in lines[1:]]
+    import pandas as pd
+
+    md = (report / "table.md").read_text()
+    assert md.startswith("# Method comparison (profile smoke)") and "Paired differences, method − ARQ" in md
+    main = pd.read_csv(report / "table.csv")
+    # references first, then the baselines, the control and ARQ
+    assert main["method"].tolist() == ["fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "haq_b1.5",
+                                       "random_b1.5", "arq_b1.5"]
+    assert main["name"].tolist() == ["FP32", "Uniform W8A8", "Uniform W4A4", "HAWQ-V3", "HAQ", "Random search", "ARQ"]
+    bitops = main["bitops_pct"].tolist()
     assert bitops[0] == 100.0 and bitops[1] == 6.25 and 1.5 < bitops[2] < 1.7
-    assert all(b <= 1.5 for b in bitops[3:])
-    for name, magic in (("certified_accuracy.png", b"\x89PNG"), ("certified_accuracy.pdf", b"%PDF")):
-        fig = workdir / "figures" / "smoke" / name
-        assert fig.stat().st_size > 1000 and fig.read_bytes().startswith(magic)
+    assert all(b <= 1.5 for b in bitops[3:])  # every searched and allocated policy within the budget
+    assert (main["clean_lo"] <= main["clean"]).all() and (main["clean"] <= main["clean_hi"]).all()
+    assert (main["ACR_lo"] <= main["ACR"] + 1e-12).all() and (main["ACR"] <= main["ACR_hi"] + 1e-12).all()
+    tests = pd.read_csv(report / "tests.csv")
+    assert set(tests["vs"]) == {"ARQ", "FP32"} and (tests["p"].between(0, 1)).all()
+    assert (report / "table.tex").read_text().startswith("\\begin{table}")
+    for stem in ("certified_accuracy", "bits_per_layer", "acr_vs_bitops", "search_curves"):
+        for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
+            fig = workdir / "figures" / "smoke" / f"{stem}.{ext}"
+            assert fig.stat().st_size > 1000 and fig.read_bytes().startswith(magic)
 
 
 @pytest.mark.e2e
@@ -332,6 +341,21 @@ def test_smoke_searches(smoke_run):
         assert (workdir / "figures" / "smoke" / "search" / f"{name}_sigma0.25.png").read_bytes()[:4] == b"\x89PNG"
         summary = json.loads((results / "certify" / f"{name}_sigma0.25.json").read_text())
         assert summary["method"] == name and summary["bitops_pct"] == pytest.approx(doc["bitops_pct"])
+
+
+@pytest.mark.e2e
+def test_smoke_hawq(smoke_run):
+    """Hessian traces with their convergence history, the ILP's policy within the budget, finetuned and certified."""
+    workdir, cfg = _check_ran(smoke_run)
+    results = workdir / "results" / "smoke"
+    traces = json.loads((results / "hawq" / "hessian_sigma0.25.json").read_text())
+    assert 1 <= traces["iterations"] <= cfg["hawq"]["max_iterations"] and len(traces["history"]) == traces["iterations"]
+    assert len(traces["layers"]) == 22 and all(v["params"] > 0 for v in traces["layers"].values())
+    doc = json.loads((results / "policies" / "hawq_b1.5_sigma0.25.json").read_text())
+    assert doc["produced_by"] == "hawq-v3" and doc["bitops_pct"] <= 1.5 and doc["status"] == "Optimal"
+    assert all(v["w_bits"] == v["a_bits"] for v in doc["layers"].values())
+    summary = json.loads((results / "certify" / "hawq_b1.5_sigma0.25.json").read_text())
+    assert summary["method"] == "hawq_b1.5" and summary["bitops_pct"] == pytest.approx(doc["bitops_pct"])
 
 
 # ----------------------------------------------------------- after the run: logs, refusals that lose nothing

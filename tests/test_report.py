@@ -1,8 +1,9 @@
-"""Summaries, tables and figures (arq/report.py) and resumable dataset certification (arq/smoothing.py)."""
+"""Summaries, tables and figures (arq/report/) and resumable dataset certification (arq/smoothing.py)."""
 from __future__ import annotations
 
 import json
 from decimal import ROUND_CEILING
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,25 @@ def test_summarize_radius_threshold_is_inclusive():
 
 # ------------------------------------------------------------------------------------------ report stage
 
+# a second model certified on the same σ=0.25 images: correct only on images 0 and 20, with other radii
+ROWS_025_B = [(0, 0, 0, 0.3, 1), (20, 1, 1, 0.2, 1), (40, 2, -1, 0.0, 0), (60, 3, 5, 0.3, 0), (80, 4, 1, 0.1, 0),
+              (100, 5, -1, 0.0, 0)]
+
+
+def _policy(path, method, w, a):
+    from arq import cost, policy
+
+    costs = cost.for_arch("resnet20")
+    rules = policy.rules_for("resnet20", costs, {"pin_first_last": True, "pinned_bits": 8, "min_bits": 2,
+                                                 "max_bits": 8})
+    doc = policy.make(policy.uniform_layers(rules, w, a), costs, rules, method)
+    if method.startswith("arq"):
+        doc.update(seconds_per_episode={"seconds_calibrate": 1.0, "seconds_finetune": 2.0, "seconds_reward": 3.0,
+                                        "seconds_agent": 0.5}, episodes=10)
+    policy.save(path, doc)
+    return path
+
+
 @pytest.fixture
 def results(tmp_path):
     d = tmp_path / "certify"
@@ -94,60 +114,106 @@ def results(tmp_path):
     return [str(s) for s in summaries], [str(t) for t in tsvs]
 
 
-def test_certified_curve_on_a_grid(results):
-    _, tsvs = results
-    grid = np.array([0.0, 0.4, 0.5, 1.0, 1.2, 1.3])
-    assert report.certified_curve(tsvs[0], grid).tolist() == pytest.approx([0.6, 0.6, 0.4, 0.2, 0.2, 0.0])
-    grid = np.array([0.0, 0.05, 0.06, 0.25, 0.5, 0.51])
-    assert report.certified_curve(tsvs[1], grid).tolist() == pytest.approx([4 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0])
-
-
-def test_report_run_writes_table_and_figures(results, tmp_path, smoke_config, monkeypatch):
+@pytest.fixture
+def comparison(tmp_path, results):
+    """FP32 at two σ plus an 'ARQ' model (a W4A4 policy under that name) at σ=0.25 on the same images."""
     summaries, tsvs = results
-    seen = []
-    real_figure = report.figure
-
-    def spy(curves, png, pdf, title):
-        seen.append(curves)
-        return real_figure(curves, png, pdf, title)
-
-    monkeypatch.setattr(report, "figure", spy)
-    out = tmp_path / "report"
-    md, csv, png, pdf = out / "table.md", out / "table.csv", tmp_path / "fig" / "c.png", tmp_path / "fig" / "c.pdf"
-    df = report.run(smoke_config, summaries, tsvs, str(md), str(csv), str(png), str(pdf))
-
-    table = pd.read_csv(csv)
-    assert len(table) == 2
-    assert table["sigma"].tolist() == [0.25, 0.5]
-    assert table["method"].tolist() == ["fp32", "fp32"]
-    for _, row in table.iterrows():
-        e = EXPECTED[row["sigma"]]
-        assert row["clean_acc"] == pytest.approx(e["clean"], rel=1e-3)
-        assert row["ACR"] == pytest.approx(e["acr"], rel=1e-3)
-        assert row["abstain"] == pytest.approx(e["abstain"], rel=1e-3)
-        assert [row[f"r={r:g}"] for r in RADII] == pytest.approx(e["cert"], rel=1e-3)
-        assert row["N"] == 100_000 and row["images"] in (5, 6)
-        assert row["seconds"] == 12.5
-        assert row["samples_per_s"] == pytest.approx(1234.5, rel=1e-3)  # CSV keeps 4 significant digits
-    assert df["sigma"].tolist() == [0.25, 0.5]
-
-    text = md.read_text()
-    assert text.startswith("# Certification results (profile smoke)")
-    lines = [l for l in text.splitlines() if l.startswith("|")]
-    assert len(lines) == 4  # header, separator, one row per σ
-    assert "0.667" in lines[2] and "0.600" in lines[3]  # clean accuracy, 3 decimals, σ-sorted
-
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
-    # curves are labelled by their own TSV, in table order
-    assert seen == [[("σ = 0.25", [("fp32 (100% BitOps)", tsvs[1])]), ("σ = 0.5", [("fp32 (100% BitOps)", tsvs[0])])]]
+    d = tmp_path / "certify"
+    s = json.loads(_write_summary(d / "arq_b1.5_sigma0.25.json", 0.25, ROWS_025_B).read_text())
+    s.update(method="arq_b1.5", bitops_pct=1.613)
+    (d / "arq_b1.5_sigma0.25.json").write_text(json.dumps(s))
+    _write_tsv(d / "arq_b1.5_sigma0.25.tsv", ROWS_025_B)
+    pol = _policy(tmp_path / "arq_b1.5_sigma0.25.json", "arq_b1.5", 4, 4)
+    return (summaries + [str(d / "arq_b1.5_sigma0.25.json")], tsvs + [str(d / "arq_b1.5_sigma0.25.tsv")],
+            [str(pol)])
 
 
-def test_report_requires_one_tsv_per_summary(results, tmp_path, smoke_config):
-    summaries, tsvs = results
+def _approx(v):  # the CSV keeps 6 significant digits
+    return pytest.approx(v, rel=1e-5)
+
+
+def test_the_comparison_table_against_hand_computed_values(comparison, tmp_path, smoke_config):
+    summaries, tsvs, policies = comparison
+    smoke_config["report"].update(radii=RADII, bootstrap=2000, seed=0)
+    out = report.outputs(tmp_path / "report", tmp_path / "fig", searches=False)
+    tables = report.run(smoke_config, summaries, tsvs, policies, [], out)
+    main = pd.read_csv(out["table_csv"])
+    assert main["method"].tolist() == ["fp32", "arq_b1.5", "fp32"] and main["sigma"].tolist() == [0.25, 0.25, 0.5]
+    fp = main.iloc[0]
+    # 4 of 6 correct: Clopper–Pearson 95% = (Beta(.025; 4, 3), Beta(.975; 5, 2))
+    assert (fp["clean"], fp["clean_lo"], fp["clean_hi"]) == _approx((4 / 6, 0.2227781, 0.9567281))
+    assert fp["r=0.25"] == _approx(2 / 6) and fp["ACR"] == _approx(0.9 / 6)
+    assert fp["ACR_lo"] <= fp["ACR"] <= fp["ACR_hi"] and fp["abstain"] == _approx(1 / 6)
+    assert fp["w_bits"] == 32 and np.isnan(fp["policy_seconds"])
+    arq = main.iloc[1]
+    assert arq["name"] == "ARQ" and arq["bitops_pct"] == _approx(1.613)
+    assert arq["policy_seconds"] == _approx(65.0)  # 6.5 s per episode × 10 episodes
+    assert 4 < arq["w_bits"] < 4.2 and 4 < arq["a_bits"] < 4.2  # W4A4 with the 8-bit first conv and last FC
+    # N = 100,000 at α = .001 certifies at most σ·Φ⁻¹(.001^(1/N)) ≈ 1.1 at σ=0.25: radii above it are left out
+    assert "r=1.25" in main.columns and np.isnan(main.iloc[0]["r=1.25"]) and main.iloc[2]["r=1.25"] == 0
+
+    tests = pd.read_csv(out["tests_csv"])
+    t = tests[(tests["method"] == "fp32") & (tests["vs"] == "ARQ")].set_index("measure")
+    # clean: FP32 alone right on images 80 and 100, ARQ alone on none → exact McNemar p = 2·½² = .5
+    assert (t.loc["clean", "only_method"], t.loc["clean", "only_reference"]) == (2, 0)
+    assert t.loc["clean", "p"] == _approx(0.5) and t.loc["clean", "diff"] == _approx(2 / 6)
+    # r = 0.25: FP32 certifies 0 and 80, ARQ only 0 → one discordant image, p = 1
+    assert (t.loc["r=0.25", "only_method"], t.loc["r=0.25", "p"]) == (1, 1.0)
+    acr = t.loc["ACR"]
+    assert acr["diff"] == _approx((0.9 - 0.5) / 6) and acr["low"] <= acr["diff"] <= acr["high"]
+    assert set(tests["vs"]) == {"ARQ", "FP32"} and not ((tests["method"] == "fp32") & (tests["vs"] == "FP32")).any()
+    assert tables["main"].shape[0] == 3
+
+    md = Path(out["table_md"]).read_text()
+    assert md.startswith("# Method comparison (profile smoke)") and "## σ = 0.25" in md and "## σ = 0.5" in md
+    assert "0.667 (0.223–0.957)" in md and "Paired differences, method − ARQ" in md and "| 65 s |" in md
+    tex = Path(out["table_tex"]).read_text()
+    assert tex.count(r"\\") == 4 and r"\toprule" in tex and "ARQ" in tex  # header + three rows
+    for key in ("certified", "bits", "pareto"):
+        png, pdf = out[key]
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(pdf).read_bytes()[:5] == b"%PDF-"
+    assert "search" not in out
+
+
+def test_the_figures_draw_one_panel_per_sigma_with_display_names(comparison, tmp_path, smoke_config, monkeypatch):
+    from arq.report import figures
+
+    summaries, tsvs, policies = comparison
+    drawn = {}
+    for name in ("certified_accuracy", "bits_per_layer", "pareto", "search_curves"):
+        real = getattr(figures, name)
+        monkeypatch.setattr(figures, name, lambda *a, _real=real, _name=name, **k: drawn.setdefault(
+            _name, _real(*a, **k)))
+    csv_path = tmp_path / "arq_b1.5_sigma0.25.csv"
+    csv_path.write_text("episode,reward,best_reward\n1,-0.2,-0.2\n2,-0.1,-0.1\n3,-0.3,-0.1\n")
+    haq_csv = tmp_path / "haq_b1.5_sigma0.25.csv"
+    haq_csv.write_text("episode,reward,best_reward\n1,-1.0,-1.0\n2,-0.5,-0.5\n")
+    out = report.outputs(tmp_path / "report", tmp_path / "fig", searches=True)
+    report.run(smoke_config, summaries, tsvs, policies, [str(csv_path), str(haq_csv)], out)
+    assert drawn["certified_accuracy"] == [("σ = 0.25", ["FP32 (100% BitOps)", "ARQ (1.61% BitOps)"]),
+                                           ("σ = 0.5", ["FP32 (100% BitOps)"])]
+    assert drawn["bits_per_layer"] == [("σ = 0.25", ["ARQ"])]
+    assert drawn["pareto"] == [("σ = 0.25", ["FP32", "ARQ"]), ("σ = 0.5", ["FP32"])]
+    assert [labels for _, labels in drawn["search_curves"]] == [["ARQ"], ["HAQ"]]
+    for png, pdf in (out[k] for k in ("certified", "bits", "pareto", "search")):
+        assert Path(png).stat().st_size > 1000 and Path(pdf).stat().st_size > 1000
+
+
+def test_report_requires_one_tsv_per_summary_and_a_policy_per_quantized_model(comparison, tmp_path, smoke_config):
+    summaries, tsvs, policies = comparison
+    out = report.outputs(tmp_path / "r", tmp_path / "f", searches=False)
     with pytest.raises(ValueError, match="same number"):
-        report.run(smoke_config, summaries, tsvs[:1], *(str(tmp_path / n) for n in ("a.md", "a.csv", "a.png",
-                                                                                       "a.pdf")))
+        report.run(smoke_config, summaries, tsvs[:1], policies, [], out)
+    with pytest.raises(ValueError, match="no policy given for arq_b1.5"):
+        report.run(smoke_config, summaries, tsvs, [], [], out)
+
+
+def test_paired_tests_refuse_results_on_different_images(comparison, tmp_path, smoke_config):
+    summaries, tsvs, policies = comparison
+    rows = [(i + 1, *rest) for i, *rest in ROWS_025_B]
+    _write_tsv(Path(tsvs[-1]), rows)
+    with pytest.raises(ValueError, match="different images"):
+        report.run(smoke_config, summaries, tsvs, policies, [], report.outputs(tmp_path / "r", tmp_path / "f", False))
 
 
 # ------------------------------------------------------------------------------- certify_dataset resumption
@@ -410,9 +476,9 @@ def test_run_certify_writes_what_the_report_reads(tmp_path, smoke_config):
     assert summary["max_certifiable_radius"] == round(max_radius(0.25, 16, 0.001), 4)
     rows = read_tsv(out)
     assert [int(r["idx"]) for r in rows] == [0, 40, 80, 120, 160]
-    df = report.run(cfg, [str(tmp_path / "c" / "fp32_sigma0.25.json")], [str(out)], str(tmp_path / "t.md"),
-                    str(tmp_path / "t.csv"), str(tmp_path / "f.png"), str(tmp_path / "f.pdf"))
-    assert df["images"].tolist() == [5]
+    tables = report.run(cfg, [str(tmp_path / "c" / "fp32_sigma0.25.json")], [str(out)], [], [],
+                        report.outputs(tmp_path / "r", tmp_path / "f", searches=False))
+    assert tables["main"]["images"].tolist() == [5]
 
 
 class RangeSpy(nn.Module):

@@ -42,7 +42,8 @@ if not os.path.exists(RESOLVED_CONFIG):
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
 BUDGETS = [repr(float(b)) for b in config["search"]["budgets"]]
 SEARCHED = [f"{m}_b{b}" for m in config["search"]["methods"] for b in BUDGETS]  # e.g. arq_b1.5
-METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]] + SEARCHED
+HAWQ = [f"hawq_b{b}" for b in BUDGETS] if config["hawq"]["enabled"] else []
+METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]] + HAWQ + SEARCHED
 # Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
 IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
 
@@ -55,11 +56,15 @@ wildcard_constraints:
     budget=r"[0-9]+\.[0-9]+",
 
 
+def policy_file(method, sigma):
+    """Uniform policies do not depend on σ; searched and HAWQ ones are found per σ."""
+    if method.startswith("uniform_"):
+        return f"{RESULTS}/policies/{method}.json"
+    return f"{RESULTS}/policies/{method}_sigma{sigma}.json"
+
+
 def policy_path(wildcards):
-    """Uniform policies do not depend on σ; searched ones are found per σ."""
-    if wildcards.method.startswith("uniform_"):
-        return f"{RESULTS}/policies/{wildcards.method}.json"
-    return f"{RESULTS}/policies/{wildcards.method}_sigma{wildcards.sigma}.json"
+    return policy_file(wildcards.method, wildcards.sigma)
 
 
 # Every job's output goes to its log (the latest attempt) and is appended to <log>.attempts, so rerunning an

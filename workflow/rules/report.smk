@@ -1,12 +1,19 @@
+from arq.report import outputs as report_outputs
+
+REPORT_OUT = report_outputs(f"{RESULTS}/report", FIGURES, searches=bool(SEARCHED))
+
+
 rule report:
     input:
         summaries=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.json", sigma=SIGMAS, method=METHODS),
         tsvs=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.tsv", sigma=SIGMAS, method=METHODS),
+        policies=sorted({policy_file(m, s) for m in METHODS if m != "fp32" for s in SIGMAS}),
+        search_csvs=expand(f"{RESULTS}/search/{{method}}_sigma{{sigma}}.csv", sigma=SIGMAS, method=SEARCHED),
     output:
-        table_md=f"{RESULTS}/report/table.md",
-        table_csv=f"{RESULTS}/report/table.csv",
-        png=f"{FIGURES}/certified_accuracy.png",
-        pdf=f"{FIGURES}/certified_accuracy.pdf",
+        *[v for v in REPORT_OUT.values() if isinstance(v, str)],
+        *[f for v in REPORT_OUT.values() if isinstance(v, tuple) for f in v],
+    params:
+        settings={"report": config["report"], "budgets": config["search"]["budgets"]},
     log:
         f"{LOGS}/report.log",
     threads: config["resources"]["report"]["threads"]
@@ -14,5 +21,6 @@ rule report:
         **stage_resources("report"),
     shell:
         "{ARQ} report --config {RESOLVED_CONFIG} --summaries {input.summaries} --tsvs {input.tsvs} "
-        "--table-md {output.table_md} --table-csv {output.table_csv} --figure {output.png} {output.pdf}"
+        "--policies {input.policies} --search-csvs {input.search_csvs} "
+        "--report-dir {RESULTS}/report --figures-dir {FIGURES}"
         + LOGGED

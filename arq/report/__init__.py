@@ -1,0 +1,85 @@
+"""The report stage: the comparison table and the figures of one profile, from text results alone.
+
+It reads the certify stage's summaries and TSVs, the policies and the search CSVs, so a reviewer can rebuild every
+table and figure without a checkpoint. Modules: ``results`` (loading, method names), ``stats`` (intervals and
+paired tests), ``tables`` (Markdown, CSV, LaTeX), ``figures``.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from arq.io import atomic_path, write_text
+from arq.report import figures, tables
+from arq.report.results import Result, load
+
+CAVEAT = ("CIFAR-10 test subset; ResNet-20; fewer samples per image and shorter training than the paper's protocol "
+          "unless the profile is 'paper'")
+
+
+def _profile_note(config: dict, results: list[Result]) -> str:
+    s = results[0].summary
+    return (f"Profile '{config['profile']}': {s['images']} CIFAR-10 test images per model, N = {s['n']:,} noise "
+            f"samples (N0 = {s['n0']}), α = {s['alpha']:g}; {config['model']['arch']}.")
+
+
+TABLES = {"table_md": "table.md", "table_csv": "table.csv", "table_tex": "table.tex", "tests_csv": "tests.csv"}
+FIGURES = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
+           "search": "search_curves"}
+
+
+def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool) -> dict:
+    """The files the report writes: tables under ``report_dir``, figures (PNG, PDF) under ``figures_dir``."""
+    out = {k: str(Path(report_dir) / v) for k, v in TABLES.items()}
+    out.update({k: (str(Path(figures_dir) / f"{v}.png"), str(Path(figures_dir) / f"{v}.pdf"))
+                for k, v in FIGURES.items() if k != "search" or searches})
+    return out
+
+
+def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str], search_csvs: list[str],
+        out: dict) -> dict:
+    """Write the comparison (``out``: table_md, table_csv, table_tex, tests_csv) and the figures (``out``:
+    certified, bits, pareto, and search when there are search CSVs; each a (png, pdf) pair). Returns the tables."""
+    if len(tsvs) != len(summaries):
+        raise ValueError("each summary needs its TSV: --tsvs and --summaries must list the same number of files")
+    results = [load(s, t, policies) for s, t in zip(summaries, tsvs)]
+    rc = config["report"]
+    main = tables.main_table(results, rc["radii"], rc["bootstrap"], rc["seed"])
+    tests = tables.paired_tests(results, rc["radii"], rc["bootstrap"], rc["seed"])
+    note = _profile_note(config, results)
+    notes = [note, "w̄: weight bits per weight (storage / weights); ā: activation bits weighted by MACs.",
+             f"Policy time: search episodes (calibration, finetune, reward, agent) or Hessian + ILP, on the device "
+             f"the stage ran on; uniform policies cost nothing.",
+             f"Intervals: {rc['bootstrap']:,} bootstrap resamples (seed {rc['seed']}); {CAVEAT}."]
+    write_text(out["table_md"], tables.markdown(main, tests, f"Method comparison (profile {config['profile']})", notes))
+    for df, key in ((main, "table_csv"), (tests, "tests_csv")):
+        with atomic_path(out[key]) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(out["table_tex"], tables.latex(
+        main, f"Certified robustness of quantized {config['model']['arch']} on CIFAR-10 (profile {config['profile']}): "
+              f"clean and certified accuracy and ACR with 95% interval half-widths. {note}",
+        f"tab:arq-{config['profile']}"))
+    arch = config["model"]["arch"]
+    figures.certified_accuracy(results, *out["certified"], f"Certified accuracy, {arch} on CIFAR-10",
+                               f"{note} Dotted line: the largest radius N samples can certify at α. {CAVEAT}.")
+    if any(r.policy is not None for r in results):
+        figures.bits_per_layer(results, *out["bits"], f"Bits per layer of each method's policy, {arch}",
+                               f"Pinned first conv and last FC at {config['quant']['pinned_bits']} bits. "
+                               f"Profile '{config['profile']}'.")
+    figures.pareto(main, *out["pareto"], f"ACR against cost, {arch} on CIFAR-10",
+                   f"{note} Error bars: 95% bootstrap intervals of ACR; grey band: FP32's. Budgets swept: "
+                   f"{', '.join(f'{b:g}%' for b in config['search']['budgets'])}. {CAVEAT}.")
+    if search_csvs:
+        curves = {}
+        for path in search_csvs:
+            name = Path(path).stem  # <method>_b<budget>_sigma<σ>
+            method, sigma = name.rsplit("_sigma", 1)
+            with open(path) as f:
+                curves[(method, float(sigma))] = list(csv.DictReader(f))
+        sc = config["search"]
+        figures.search_curves(curves, *out["search"], f"Search learning curves, {arch}",
+                              f"{sc['episodes']} episodes, the first {sc['warmup']} with random actions for DDPG; "
+                              f"rewards on {config['irs']['images']} val images after {sc['finetune']['steps']} QAT "
+                              f"steps. ARQ and random search share the reward; HAQ's is on clean accuracy. "
+                              f"Profile '{config['profile']}'.")
+    return {"main": main, "tests": tests}

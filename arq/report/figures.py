@@ -1,0 +1,208 @@
+"""The report's figures, each written as PNG and PDF: certified accuracy vs radius, bits per layer, ACR vs
+BitOps (the budget sweep), and the search learning curves.
+
+Methods keep one style across figures (colour plus a line style and marker, so greyscale prints stay legible)
+and appear under their display names. Captions state N, α, the image count and what the numbers are not.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on CI or clusters
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from arq.io import atomic_path  # noqa: E402
+from arq.report.results import Result, budget, display_name, family, sort_key  # noqa: E402
+
+STYLE = {  # family → (colour, line style, marker)
+    "fp32": ("black", "-", None),
+    "uniform": ("tab:gray", "--", "s"),
+    "hawq": ("tab:green", "-.", "^"),
+    "haq": ("tab:blue", ":", "o"),
+    "random": ("tab:orange", (0, (5, 1, 1, 1)), "x"),
+    "arq": ("tab:red", "-", "D"),
+}
+
+
+def style(method: str, k: int = 0) -> dict:
+    colour, line, marker = STYLE.get(family(method), ("tab:purple", "-", "v"))
+    if method == "uniform_w8a8":
+        colour, marker = "tab:brown", "P"
+    return {"color": colour, "linestyle": line, "marker": marker}
+
+
+def _save(fig, png: str | Path, pdf: str | Path, caption: str) -> None:
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom", ha="left")
+    for path in (png, pdf):
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
+    plt.close(fig)
+
+
+def _by_sigma(results: list[Result]) -> dict[float, list[Result]]:
+    out: dict[float, list[Result]] = {}
+    for r in sorted(results, key=lambda r: (r.sigma, sort_key(r.method))):
+        out.setdefault(r.sigma, []).append(r)
+    return out
+
+
+def _n_budgets(results: list[Result]) -> int:
+    return len({budget(r.method) for r in results if budget(r.method) is not None})
+
+
+def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+    """One panel per σ, one curve per method; the x axis ends just past the largest radius N samples can certify,
+    which is marked. Returns the panels drawn (title, curve labels) for tests."""
+    panels = _by_sigma(results)
+    nb = _n_budgets(results)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 0.6, 4.4), squeeze=False, sharey=True)
+    drawn = []
+    for ax, (sigma, group) in zip(axes[0], panels.items()):
+        r_max = max(r.summary["max_certifiable_radius"] for r in group)
+        grid = np.linspace(0, r_max * 1.08, 300)
+        labels = []
+        for res in group:
+            curve = [(res.certified(r)).mean() for r in grid]
+            st = style(res.method)
+            label = f"{display_name(res.method, nb)} ({res.summary['bitops_pct']:.3g}% BitOps)"
+            ax.plot(grid, curve, color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markevery=50,
+                    markersize=5, label=label, linewidth=1.4)
+            labels.append(label)
+        ax.axvline(r_max, color="0.5", linewidth=0.8, linestyle=":")
+        ax.text(r_max, 0.98, f" max. certifiable\n radius {r_max:.2f}", fontsize=7, va="top", ha="right",
+                color="0.35")
+        ax.set_xlabel("ℓ2 radius r (pixel scale [0, 1])")
+        ax.set_xlim(0, r_max * 1.08)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"σ = {sigma:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper right", bbox_to_anchor=(1.0, 0.85))
+        drawn.append((f"σ = {sigma:g}", labels))
+    axes[0][0].set_ylabel("certified accuracy (fraction of test images)")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _save(fig, png, pdf, caption)
+    return drawn
+
+
+def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+    """Weight bits (top) and activation bits (bottom) of each layer, one line per quantized method and σ column."""
+    panels = {s: [r for r in g if r.policy is not None] for s, g in _by_sigma(results).items()}
+    panels = {s: g for s, g in panels.items() if g}
+    nb = _n_budgets(results)
+    fig, axes = plt.subplots(2, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 6.4), squeeze=False,
+                             sharex=True)
+    drawn = []
+    for col, (sigma, group) in enumerate(panels.items()):
+        names = list(group[0].policy["layers"])
+        x = np.arange(len(names))
+        labels = []
+        for k, res in enumerate(group):
+            st = style(res.method)
+            layers = res.policy["layers"]
+            offset = (k - (len(group) - 1) / 2) * 0.06  # a small shift keeps coinciding lines visible
+            label = display_name(res.method, nb)
+            for row, key in enumerate(("w_bits", "a_bits")):
+                axes[row][col].plot(x + offset, [layers[n][key] for n in names], color=st["color"],
+                                    linestyle=st["linestyle"], marker=st["marker"], markersize=4, linewidth=1.1,
+                                    label=label)
+            labels.append(label)
+        for row, what in enumerate(("weight bits", "activation bits")):
+            ax = axes[row][col]
+            ax.set_ylabel(what)
+            ax.set_yticks(range(2, 9))
+            ax.set_ylim(1.5, 8.5)
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(f"σ = {sigma:g}")
+        axes[0][col].legend(fontsize="x-small", ncol=2)
+        axes[1][col].set_xticks(x, names, rotation=90, fontsize=6)
+        axes[1][col].set_xlabel("layer (forward order)")
+        drawn.append((f"σ = {sigma:g}", labels))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, png, pdf, caption)
+    return drawn
+
+
+def pareto(rows, png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+    """ACR (with its 95% bootstrap interval) against BitOps % on a log axis, one panel per σ; each searched method
+    and HAWQ is a line across the budget sweep, FP32 a dashed reference line, uniform models single points.
+    ``rows`` is the main comparison table."""
+    sigmas = sorted(rows["sigma"].unique())
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(5.2 * len(sigmas) + 0.6, 4.4), squeeze=False)
+    drawn = []
+    for ax, sigma in zip(axes[0], sigmas):
+        part = rows[rows["sigma"] == sigma]
+        labels = []
+        groups: dict[str, list] = {}
+        for _, row in part.iterrows():
+            groups.setdefault(family(row["method"]) if budget(row["method"]) is not None else row["method"],
+                              []).append(row)
+        for key, members in sorted(groups.items(), key=lambda kv: sort_key(kv[1][0]["method"])):
+            members.sort(key=lambda r: r["bitops_pct"])
+            st = style(members[0]["method"])
+            name = display_name(members[0]["method"], 1)
+            if key == "fp32":
+                ax.axhline(members[0]["ACR"], color=st["color"], linestyle="--", linewidth=1,
+                           label=f"FP32 (100% BitOps), ACR {members[0]['ACR']:.3f}")
+                ax.axhspan(members[0]["ACR_lo"], members[0]["ACR_hi"], color="0.85", alpha=0.5)
+                labels.append("FP32")
+                continue
+            x = [m["bitops_pct"] for m in members]
+            y = [m["ACR"] for m in members]
+            err = [[m["ACR"] - m["ACR_lo"] for m in members], [m["ACR_hi"] - m["ACR"] for m in members]]
+            ax.errorbar(x, y, yerr=err, color=st["color"], linestyle=st["linestyle"] if len(x) > 1 else "none",
+                        marker=st["marker"], markersize=6, capsize=3, linewidth=1.2, label=name)
+            labels.append(name)
+        ax.set_xscale("log")
+        ax.set_xlabel("BitOps (% of FP32, log scale)")
+        ax.set_ylabel("ACR (mean certified radius, correct images)")
+        ax.set_title(f"σ = {sigma:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+        drawn.append((f"σ = {sigma:g}", labels))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _save(fig, png, pdf, caption)
+    return drawn
+
+
+def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: str,
+                  caption: str) -> list[tuple[str, list[str]]]:
+    """Per σ and budget: ARQ and random search share the certified reward (left), HAQ has its accuracy reward
+    (right). Points: the reward of each episode; lines: best so far. ``curves`` maps (method, σ) to CSV rows."""
+    keys = sorted({(s, budget(m)) for m, s in curves})
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.4 * len(keys) + 0.6), squeeze=False)
+    drawn = []
+    nb = len({b for _, b in keys})
+    for row, (sigma, b) in enumerate(keys):
+        for col, fams in enumerate((("arq", "random"), ("haq",))):
+            ax = axes[row][col]
+            labels = []
+            for (method, s), rows in sorted(curves.items(), key=lambda kv: sort_key(kv[0][0])):
+                if s != sigma or budget(method) != b or family(method) not in fams:
+                    continue
+                st = style(method)
+                ep = [int(r["episode"]) for r in rows]
+                ax.plot(ep, [float(r["reward"]) for r in rows], linestyle="none", marker=st["marker"] or ".",
+                        markersize=3, alpha=0.35, color=st["color"])
+                name = display_name(method, nb)
+                ax.plot(ep, [float(r["best_reward"]) for r in rows], color=st["color"], linestyle=st["linestyle"],
+                        linewidth=1.6, label=f"{name}: best so far (points: each episode)")
+                labels.append(name)
+            ax.set_xlabel("episode")
+            ax.set_ylabel("reward: λ·(ACR − ACR_FP32)" if col == 0 else "reward: 0.1·(top-1 − top-1_FP32) in pp")
+            ax.set_title(f"σ = {sigma:g}, budget {b:g}% BitOps — " + ("certified reward" if col == 0
+                                                                      else "HAQ's accuracy reward"))
+            ax.grid(alpha=0.3)
+            if labels:
+                ax.legend(fontsize="x-small")
+            drawn.append((ax.get_title(), labels))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(fig, png, pdf, caption)
+    return drawn
