@@ -5,10 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+# torch and the stages are imported where a subcommand needs them, so `arq --help` answers at once.
 
 
-def _device(config: dict) -> torch.device:
+def _device(config: dict):
+    import torch
+
     want = config["device"]
     if want == "cuda" and not torch.cuda.is_available():
         raise SystemExit("config device is 'cuda' but no CUDA device is available")
@@ -33,25 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="verify CIFAR-10 and write the prepared tensor file + manifest")
     _common(p, data=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--manifest-out", required=True)
+    p.add_argument("--out", required=True, help="prepared tensor file (uint8 images, labels, splits)")
+    p.add_argument("--manifest-out", required=True,
+                   help="manifest JSON: source, what was verified against what, split rule, seed")
 
     p = sub.add_parser("train", help="noise-augmented training of the base model at one σ (resumable)")
     _common(p)
-    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ of the Gaussian augmentation")
     p.add_argument("--out", required=True, help="final checkpoint")
     p.add_argument("--metrics", required=True, help="summary JSON")
     p.add_argument("--log-csv", required=True, help="per-epoch CSV")
     p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
 
     p = sub.add_parser("uniform", help="write the uniform WxAy policy of the configured architecture")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
     p.add_argument("--bits", required=True, help="e.g. W4A4 (pinned layers keep quant.pinned_bits)")
     p.add_argument("--out", required=True, help="policy JSON")
 
     p = sub.add_parser("finetune", help="quantize an FP32 model with a policy, calibrate, QAT under noise (resumable)")
     _common(p)
-    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--sigma", type=float, required=True,
+                   help="noise level σ of the QAT (the base checkpoint must match)")
     p.add_argument("--base", required=True, help="FP32 checkpoint trained at the same σ")
     p.add_argument("--policy", required=True, help="policy JSON")
     p.add_argument("--method", required=True, help="name recorded in the checkpoint and the report, e.g. uniform_w4a4")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="Cohen CERTIFY on the certification subset")
     _common(p)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint to certify (FP32 or quantized)")
     p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="TSV in Cohen's format")
     p.add_argument("--summary", required=True, help="JSON summary")
@@ -86,12 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="TSV (Cohen's columns plus zeta and branch)")
     p.add_argument("--summary", required=True, help="JSON summary")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True,
+                   help="model name the outputs are for (the checkpoint must match), e.g. uniform_w4a4")
 
     p = sub.add_parser("search", help="mixed-precision search (arq, haq or random) at one σ and budget (resumable)")
     _common(p)
-    p.add_argument("--method", required=True, choices=["arq", "haq", "random"])
-    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--method", required=True, choices=["arq", "haq", "random"],
+                   help="arq: DDPG + certified reward; haq: DDPG + accuracy reward; "
+                        "random: random actions + certified reward")
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ (the FP32 checkpoint must match)")
     p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
     p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
     p.add_argument("--cache", default=None, help="IRS cache of that model (its val images are the search's)")
@@ -102,13 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hessian", help="HAWQ: Hutchinson trace of every quantizable layer's Hessian at σ")
     _common(p)
-    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--sigma", type=float, required=True,
+                   help="noise level σ of the loss (the FP32 checkpoint must match)")
     p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
     p.add_argument("--out", required=True, help="JSON: traces per layer and the convergence history")
 
     p = sub.add_parser("allocate-hawq", help="HAWQ: bits per layer by integer linear program (CBC) under a budget")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
-    p.add_argument("--sigma", type=float, required=True)
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ the traces were computed at")
     p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
     p.add_argument("--model", required=True, help="the FP32 checkpoint the traces were computed for")
     p.add_argument("--hessian", required=True, help="JSON from `arq hessian`")
@@ -116,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint to run (FP32 or quantized)")
     p.add_argument("--sigma", type=float, required=True, help="σ of the model (the checkpoint must match)")
     p.add_argument("--method", default="fp32", help="model name (the checkpoint must match)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="TSV in Cohen's format: idx label predict correct time (predict -1: abstained)")
     p.add_argument("--n", type=int, default=None, help="samples per image (default: certify.n)")
     p.add_argument("--alpha", type=float, default=None, help="test level (default: certify.alpha)")
 
@@ -160,21 +169,23 @@ def _cost_table(arch: str, policy_path: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
     from arq import config as cfg
     from arq.data import DataError, load_prepared
-    from arq.models import CheckpointError
-
     from arq.irs import CacheError
+    from arq.models import CheckpointError
     from arq.policy import PolicyError
     from arq.search.constraint import BudgetError
 
-    args = build_parser().parse_args(argv)
     try:
         if args.command == "cost":
             print(_cost_table(args.arch, args.policy))
             return 0
         config = cfg.load(args.config, *getattr(args, "overlays", ()))
         if getattr(args, "threads", None):
+            import torch
+
             torch.set_num_threads(args.threads)
         if args.command == "check-config":
             print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
