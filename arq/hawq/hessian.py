@@ -6,8 +6,11 @@ double backpropagation: the gradient is built once with its graph kept, and each
 
 The loss is the one the base model was trained on: cross-entropy on noisy training images (fixed images and
 fixed noise, so the estimate is of one function), with BatchNorm in eval mode as PyHessian does. Probes are drawn
-``probes`` per iteration; iterations stop when the running mean of the total trace changes by less than ``tol``
-relative to its previous value, or after ``max_iterations``.
+``probes`` per iteration; iterations stop when the running mean of the total trace has changed by less than ``tol``
+relative to its previous value in ``patience`` consecutive iterations, or after ``max_iterations``. One such
+iteration (PyHessian's rule) happens by chance long before the mean is that precise; requiring several in a row
+makes a chance stop rare. The per-layer standard errors say how precise each trace really is, and layers whose
+trace is within two standard errors of zero are listed as ``uncertain``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def layer_traces(loss_fn: Callable[[], Iterable[tuple[torch.Tensor, float]]], params: dict[str, torch.Tensor],
                  gen: torch.Generator, probes: int = 4, max_iterations: int = 100, tol: float = 1e-3,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 patience: int = 3, log: Callable[[str], None] | None = None) -> dict:
     """Hutchinson estimates of Tr(∂²L/∂W_l²) for every named parameter tensor W_l.
 
     ``loss_fn`` yields (loss, weight) pairs whose weighted sum is the loss (one per batch; the weights sum to 1).
@@ -44,7 +47,7 @@ def layer_traces(loss_fn: Callable[[], Iterable[tuple[torch.Tensor, float]]], pa
         g = torch.autograd.grad(loss, tensors, create_graph=True)
         grads.append((g, weight))
     samples: list[list[float]] = []  # per probe, per layer: v_lᵀ(Hv)_l
-    history, previous, converged = [], None, False
+    history, previous, converged, calm = [], None, False, 0
     for iteration in range(1, max_iterations + 1):
         for _ in range(probes):
             v = [rademacher(t, gen) for t in tensors]
@@ -61,7 +64,8 @@ def layer_traces(loss_fn: Callable[[], Iterable[tuple[torch.Tensor, float]]], pa
         if log is not None:
             log(f"iteration {iteration}: total trace {total:.6g}"
                 + ("" if change is None else f", relative change {change:.2e}"))
-        if change is not None and change < tol:
+        calm = calm + 1 if change is not None and change < tol else 0
+        if calm >= patience:
             converged = True
             break
         previous = total
@@ -70,8 +74,9 @@ def layer_traces(loss_fn: Callable[[], Iterable[tuple[torch.Tensor, float]]], pa
     stderr = per_layer.std(0, unbiased=True) / math.sqrt(len(samples)) if len(samples) > 1 else torch.full_like(mean, math.nan)
     layers = {n: {"trace": float(mean[i]), "stderr": float(stderr[i]), "params": params[n].numel(),
                   "trace_per_param": float(mean[i]) / params[n].numel()} for i, n in enumerate(names)}
+    uncertain = [n for n, v in layers.items() if not abs(v["trace"]) > 2 * v["stderr"]]
     return {"layers": layers, "iterations": len(history), "probes_total": len(samples), "converged": converged,
-            "history": history}
+            "uncertain": uncertain, "history": history}
 
 
 def noisy_loss_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, batch_size: int,
@@ -108,17 +113,23 @@ def run_hessian(config: dict, sigma: float, model_path: str | Path, data, out_js
     x = data.train.x[:k].to(device).float().div_(255)
     y = data.train.y[:k].to(device)
     log(f"Hessian traces of {len(params)} layers at σ={sigma}: {k} noisy training images, {hc['probes']} probes per "
-        f"iteration, at most {hc['max_iterations']} iterations, tolerance {hc['tol']:g}, on {device}")
+        f"iteration, at most {hc['max_iterations']} iterations, tolerance {hc['tol']:g} in {hc['patience']} "
+        f"consecutive iterations, on {device}")
     batches = noisy_loss_batches(model, x, y, sigma, hc["batch_size"], rng.generator("hessian-noise", hc["seed"],
                                                                                       device=device))
     result = layer_traces(batches, params, rng.generator("hessian-probes", hc["seed"], device=device), hc["probes"],
-                          hc["max_iterations"], hc["tol"], log)
+                          hc["max_iterations"], hc["tol"], hc["patience"], log)
     doc = {"format": FORMAT, "architecture": config["model"]["arch"], "sigma": sigma, "images": k,
            "probes_per_iteration": hc["probes"], "max_iterations": hc["max_iterations"], "tol": hc["tol"],
+           "patience": hc["patience"],
            "model_sha256": sha256_file(model_path), **result,
            **provenance(config, device, time.perf_counter() - start)}
     write_json(out_json, doc)
     state = "converged" if result["converged"] else "stopped at the iteration limit"
     log(f"{state} after {result['iterations']} iterations ({result['probes_total']} probes), "
         f"{time.perf_counter() - start:.0f} s")
+    for name in result["uncertain"]:
+        v = result["layers"][name]
+        log(f"WARNING {name}: trace {v['trace']:.4g} ± {v['stderr']:.2g} (standard error) is within two standard "
+            f"errors of zero; its sensitivity is uncertain")
     return doc

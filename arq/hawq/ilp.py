@@ -9,6 +9,7 @@ small layer's estimate can come out negative, and a negative sensitivity would r
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -58,7 +59,7 @@ def allocate(omega: Mapping[str, Mapping[int, float]], costs: list[cost.LayerCos
 
     cheapest = fixed_bitops + sum(min(bitops(n, b) for b in bits) for n in free)
     if cheapest > limit:
-        smallest = 100.0 * cheapest / cost.fp32_bitops(costs)
+        smallest = math.ceil(1e4 * 100.0 * cheapest / cost.fp32_bitops(costs)) / 1e4  # up: the printed value is met
         raise BudgetError(f"HAWQ cannot meet a budget of {budget_pct:g}% of FP32 BitOps: with bits {bits} "
                           f"(activations {a_bits}) and the pinned layers the smallest achievable is {smallest:.4f}%")
     # scaled so that CBC's tolerances act on numbers near 1: objective by the largest Ω, cost by the FP32 BitOps
@@ -81,6 +82,10 @@ def allocate(omega: Mapping[str, Mapping[int, float]], costs: list[cost.LayerCos
         b = max(bits, key=lambda bb: x[n, bb].value())
         layers[n] = {"w_bits": b, "a_bits": activation_bits(b, a_bits)}
     layers = {n: layers[n] for n in rules.layers}
+    used = fixed_bitops + sum(bitops(n, layers[n]["w_bits"]) for n in free)
+    if used > limit:  # CBC's feasibility tolerance must not let a policy over the budget through
+        raise RuntimeError(f"CBC's solution uses {100.0 * used / fp32:.6f}% of FP32 BitOps, over the "
+                           f"{budget_pct:g}% budget")
     objective = sum(omega[n][layers[n]["w_bits"]] for n in free)
     return layers, {"solver": "CBC (pulp)", "status": "Optimal", "objective": objective,
                     "seconds_solver": round(time.perf_counter() - t0, 3), "variables": len(x)}
@@ -104,6 +109,10 @@ def run_allocate(config: dict, sigma: float, budget: float, model_path: str | Pa
     if not bits:
         raise ValueError(f"hawq.bits {hc['bits']} has no width within quant.min_bits..max_bits")
     free = [n for n in rules.layers if n not in rules.pinned]
+    for n in free:
+        t = hessian["layers"].get(n)
+        if t is not None and t["trace"] < 0:
+            log(f"WARNING {n}: negative trace {t['trace']:.4g} ± {t['stderr']:.2g}; its sensitivity uses |trace|")
     omega = sensitivities(model, hessian["layers"], free, bits, config["quant"]["weight_clip"])
     layers, report = allocate(omega, costs, rules, bits, budget, hc["a_bits"])
     wall = time.perf_counter() - start

@@ -7,7 +7,7 @@ rule hessian:
         traces=f"{RESULTS}/hawq/hessian_sigma{{sigma}}.json",
     params:
         settings={k: v for k, v in config["hawq"].items() if k in ("images", "batch_size", "probes", "max_iterations",
-                                                                   "tol", "seed")},
+                                                                   "tol", "patience", "seed")},
     log:
         f"{LOGS}/hessian/sigma{{sigma}}.log",
     threads: config["resources"]["hawq"]["threads"]
