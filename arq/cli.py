@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsvs", nargs="+", required=True, help="certification TSVs, in the same order as --summaries")
     p.add_argument("--policies", nargs="*", default=[], help="policy JSONs of the quantized models")
     p.add_argument("--search-csvs", nargs="*", default=[], help="search episode CSVs (learning-curve figure)")
+    p.add_argument("--irs-caches", nargs="*", default=[],
+                   help="FP32 IRS cache summaries (JSON): their time counts towards the certified-reward searches")
     p.add_argument("--report-dir", required=True, help="where table.{md,csv,tex} and tests.csv go")
     p.add_argument("--figures-dir", required=True, help="where the figures go")
     return parser
@@ -199,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from arq import report
 
-            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs))
-            tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out)
+            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs), bool(args.policies))
+            tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out,
+                                args.irs_caches)
             print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
             return 0
         if args.command == "uniform":

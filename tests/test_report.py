@@ -98,7 +98,7 @@ def _policy(path, method, w, a):
     doc = policy.make(policy.uniform_layers(rules, w, a), costs, rules, method)
     if method.startswith("arq"):
         doc.update(seconds_per_episode={"seconds_calibrate": 1.0, "seconds_finetune": 2.0, "seconds_reward": 3.0,
-                                        "seconds_agent": 0.5}, episodes=10)
+                                        "seconds_agent": 0.5}, episodes=10, reward_kind="arq")
     policy.save(path, doc)
     return path
 
@@ -136,7 +136,10 @@ def test_the_comparison_table_against_hand_computed_values(comparison, tmp_path,
     summaries, tsvs, policies = comparison
     smoke_config["report"].update(radii=RADII, bootstrap=2000, seed=0)
     out = report.outputs(tmp_path / "report", tmp_path / "fig", searches=False)
-    tables = report.run(smoke_config, summaries, tsvs, policies, [], out)
+    caches = [tmp_path / "cache_sigma0.25.json", tmp_path / "cache_sigma0.5.json"]
+    caches[0].write_text(json.dumps({"sigma": 0.25, "wall_seconds": 35.0}))
+    caches[1].write_text(json.dumps({"sigma": 0.5, "wall_seconds": 1000.0}))
+    tables = report.run(smoke_config, summaries, tsvs, policies, [], out, [str(c) for c in caches])
     main = pd.read_csv(out["table_csv"])
     assert main["method"].tolist() == ["fp32", "arq_b1.5", "fp32"] and main["sigma"].tolist() == [0.25, 0.25, 0.5]
     fp = main.iloc[0]
@@ -147,28 +150,33 @@ def test_the_comparison_table_against_hand_computed_values(comparison, tmp_path,
     assert fp["w_bits"] == 32 and np.isnan(fp["policy_seconds"])
     arq = main.iloc[1]
     assert arq["name"] == "ARQ" and arq["bitops_pct"] == _approx(1.613)
-    assert arq["policy_seconds"] == _approx(65.0)  # 6.5 s per episode × 10 episodes
+    assert arq["policy_seconds"] == _approx(100.0)  # 6.5 s per episode × 10 episodes + its σ's IRS cache, 35 s
     assert 4 < arq["w_bits"] < 4.2 and 4 < arq["a_bits"] < 4.2  # W4A4 with the 8-bit first conv and last FC
     # N = 100,000 at α = .001 certifies at most σ·Φ⁻¹(.001^(1/N)) ≈ 1.1 at σ=0.25: radii above it are left out
     assert "r=1.25" in main.columns and np.isnan(main.iloc[0]["r=1.25"]) and main.iloc[2]["r=1.25"] == 0
 
     tests = pd.read_csv(out["tests_csv"])
-    t = tests[(tests["method"] == "fp32") & (tests["vs"] == "ARQ")].set_index("measure")
+    t = tests[(tests["method"] == "arq_b1.5") & (tests["vs"] == "FP32")].set_index("measure")
     # clean: FP32 alone right on images 80 and 100, ARQ alone on none → exact McNemar p = 2·½² = .5
-    assert (t.loc["clean", "only_method"], t.loc["clean", "only_reference"]) == (2, 0)
-    assert t.loc["clean", "p"] == _approx(0.5) and t.loc["clean", "diff"] == _approx(2 / 6)
+    assert (t.loc["clean", "only_method"], t.loc["clean", "only_reference"]) == (0, 2)
+    assert t.loc["clean", "p"] == _approx(0.5) and t.loc["clean", "diff"] == _approx(-2 / 6)
     # r = 0.25: FP32 certifies 0 and 80, ARQ only 0 → one discordant image, p = 1
-    assert (t.loc["r=0.25", "only_method"], t.loc["r=0.25", "p"]) == (1, 1.0)
+    assert (t.loc["r=0.25", "only_reference"], t.loc["r=0.25", "p"]) == (1, 1.0)
     acr = t.loc["ACR"]
-    assert acr["diff"] == _approx((0.9 - 0.5) / 6) and acr["low"] <= acr["diff"] <= acr["high"]
-    assert set(tests["vs"]) == {"ARQ", "FP32"} and not ((tests["method"] == "fp32") & (tests["vs"] == "FP32")).any()
+    assert acr["diff"] == _approx((0.5 - 0.9) / 6) and acr["low"] <= acr["diff"] <= acr["high"]
+    assert 0 < acr["p"] <= 1  # a bootstrap p is never exactly 0
+    # FP32 is the reference, never a tested method: FP32 − ARQ would repeat ARQ − FP32 with the sign flipped
+    assert set(tests["vs"]) == {"FP32"} and not (tests["method"] == "fp32").any()
     assert tables["main"].shape[0] == 3
 
     md = Path(out["table_md"]).read_text()
     assert md.startswith("# Method comparison (profile smoke)") and "## σ = 0.25" in md and "## σ = 0.5" in md
-    assert "0.667 (0.223–0.957)" in md and "Paired differences, method − ARQ" in md and "| 65 s |" in md
+    assert "0.667 (0.223–0.957)" in md and "Paired differences, method − reference" in md and "| 100 s |" in md
+    assert "| ARQ | FP32 | -0.333 p=0.500 |" in md  # each row names its reference
     tex = Path(out["table_tex"]).read_text()
     assert tex.count(r"\\") == 4 and r"\toprule" in tex and "ARQ" in tex  # header + three rows
+    assert tex.isascii(), "pdfLaTeX stops at a raw Unicode character"
+    assert "$0.667^{+0.290}_{-0.444}$" in tex  # the asymmetric Clopper–Pearson interval
     for key in ("certified", "bits", "pareto"):
         png, pdf = out[key]
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(pdf).read_bytes()[:5] == b"%PDF-"
@@ -477,7 +485,8 @@ def test_run_certify_writes_what_the_report_reads(tmp_path, smoke_config):
     rows = read_tsv(out)
     assert [int(r["idx"]) for r in rows] == [0, 40, 80, 120, 160]
     tables = report.run(cfg, [str(tmp_path / "c" / "fp32_sigma0.25.json")], [str(out)], [], [],
-                        report.outputs(tmp_path / "r", tmp_path / "f", searches=False))
+                        report.outputs(tmp_path / "r", tmp_path / "f", searches=False, quantized=False))
+    assert "bits" not in report.outputs(tmp_path / "r", tmp_path / "f", searches=False, quantized=False)
     assert tables["main"]["images"].tolist() == [5]
 
 
@@ -559,3 +568,29 @@ def test_the_cli_names_the_mismatch_instead_of_a_traceback(tmp_path, smoke_confi
                str(tmp_path / "fp32_sigma0.25.tsv"), "--summary", str(tmp_path / "fp32_sigma0.25.json")])
     assert rc == 2
     assert "arq certify: error:" in capsys.readouterr().err
+
+
+def test_a_long_caption_is_wrapped_within_a_one_panel_figure(comparison, tmp_path):
+    from PIL import Image
+
+    from arq.report import figures
+    from arq.report.results import load
+
+    summaries, tsvs, policies = comparison
+    one_sigma = [load(s, t, policies) for s, t in zip(summaries, tsvs) if "0.25" in s]
+    png, pdf = tmp_path / "c.png", tmp_path / "c.pdf"
+    caption = "Profile 'cpu': 200 CIFAR-10 test images per model, N = 2,000 noise samples. " * 6
+    figures.certified_accuracy(one_sigma, png, pdf, "title", caption)
+    width, height = Image.open(png).size
+    # 5.4 in at 150 dpi, plus the 0.1 in padding: the caption did not widen the figure, it added lines below it
+    assert width <= 5.4 * 150 + 2 * 0.1 * 150 + 2 and height > 4.4 * 150
+
+
+def test_each_budget_of_a_sweep_has_its_own_style_and_one_budget_keeps_the_family_style():
+    from arq.report.figures import style
+
+    sweep = [1.5, 3.0]
+    assert style("arq_b1.5", sweep) != style("arq_b3.0", sweep)
+    assert style("arq_b1.5", sweep)["color"] == style("arq_b3.0", sweep)["color"]
+    assert style("arq_b1.5", [1.5]) == style("arq_b1.5")
+    assert style("haq_b1.5")["marker"] != style("arq_b1.5")["marker"]

@@ -7,6 +7,7 @@ paired tests), ``tables`` (Markdown, CSV, LaTeX), ``figures``.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from arq.io import atomic_path, write_text
@@ -28,28 +29,39 @@ FIGURES = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto"
            "search": "search_curves"}
 
 
-def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool) -> dict:
-    """The files the report writes: tables under ``report_dir``, figures (PNG, PDF) under ``figures_dir``."""
+def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool, quantized: bool = True) -> dict:
+    """The files the report writes: tables under ``report_dir``, figures (PNG, PDF) under ``figures_dir``; the
+    bits figure only when there are quantized models, the search figure only when there are searches."""
+    drawn = {"search": searches, "bits": quantized}
     out = {k: str(Path(report_dir) / v) for k, v in TABLES.items()}
     out.update({k: (str(Path(figures_dir) / f"{v}.png"), str(Path(figures_dir) / f"{v}.pdf"))
-                for k, v in FIGURES.items() if k != "search" or searches})
+                for k, v in FIGURES.items() if drawn.get(k, True)})
     return out
 
 
 def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str], search_csvs: list[str],
-        out: dict) -> dict:
+        out: dict, irs_caches: list[str] = ()) -> dict:
     """Write the comparison (``out``: table_md, table_csv, table_tex, tests_csv) and the figures (``out``:
-    certified, bits, pareto, and search when there are search CSVs; each a (png, pdf) pair). Returns the tables."""
+    certified, bits when there are quantized models, pareto, and search when there are search CSVs; each a
+    (png, pdf) pair). ``irs_caches``: summaries of the FP32 IRS caches, whose cost counts towards the policy time
+    of the searches rewarded against them. Returns the tables."""
     if len(tsvs) != len(summaries):
         raise ValueError("each summary needs its TSV: --tsvs and --summaries must list the same number of files")
     results = [load(s, t, policies) for s, t in zip(summaries, tsvs)]
+    cache_seconds = {}
+    for path in irs_caches:
+        c = json.loads(Path(path).read_text())
+        cache_seconds[float(c["sigma"])] = float(c["wall_seconds"])
+    for r in results:
+        r.reward_cache_seconds = cache_seconds.get(r.sigma, 0.0)
     rc = config["report"]
     main = tables.main_table(results, rc["radii"], rc["bootstrap"], rc["seed"])
     tests = tables.paired_tests(results, rc["radii"], rc["bootstrap"], rc["seed"])
     note = _profile_note(config, results)
     notes = [note, "w̄: weight bits per weight (storage / weights); ā: activation bits weighted by MACs.",
-             f"Policy time: search episodes (calibration, finetune, reward, agent) or Hessian + ILP, on the device "
-             f"the stage ran on; uniform policies cost nothing.",
+             "Policy time: search episodes (calibration, finetune, reward, agent), plus the FP32 IRS cache for the "
+             "certified rewards (ARQ, random search); Hessian + ILP for HAWQ; on the device the stage ran on; "
+             "uniform policies cost nothing.",
              f"Intervals: {rc['bootstrap']:,} bootstrap resamples (seed {rc['seed']}); {CAVEAT}."]
     write_text(out["table_md"], tables.markdown(main, tests, f"Method comparison (profile {config['profile']})", notes))
     for df, key in ((main, "table_csv"), (tests, "tests_csv")):
@@ -62,12 +74,15 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
     arch = config["model"]["arch"]
     figures.certified_accuracy(results, *out["certified"], f"Certified accuracy, {arch} on CIFAR-10",
                                f"{note} Dotted line: the largest radius N samples can certify at α. {CAVEAT}.")
-    if any(r.policy is not None for r in results):
+    if "bits" in out:
+        if not any(r.policy is not None for r in results):
+            raise ValueError("the bits-per-layer figure needs at least one quantized model's results")
         figures.bits_per_layer(results, *out["bits"], f"Bits per layer of each method's policy, {arch}",
                                f"Pinned first conv and last FC at {config['quant']['pinned_bits']} bits. "
                                f"Profile '{config['profile']}'.")
     figures.pareto(main, *out["pareto"], f"ACR against cost, {arch} on CIFAR-10",
-                   f"{note} Error bars: 95% bootstrap intervals of ACR; grey band: FP32's. Budgets swept: "
+                   f"{note} ACR: the certified radius averaged over all images, 0 where the smoothed prediction is wrong or "
+                   f"abstains. Error bars: 95% bootstrap intervals of ACR; grey band: FP32's. Budgets swept: "
                    f"{', '.join(f'{b:g}%' for b in config['search']['budgets'])}. {CAVEAT}.")
     if search_csvs:
         curves = {}

@@ -28,18 +28,33 @@ STYLE = {  # family → (colour, line style, marker)
 }
 
 
-def style(method: str, k: int = 0) -> dict:
+# the same family at another budget of a sweep: same colour, its own line and marker
+BUDGET_VARIANTS = [("-", None), ("--", "*"), (":", "h"), ("-.", "p"), ((0, (3, 1, 1, 1, 1, 1)), "8")]
+CAPTION_CHARS_PER_INCH = 17  # 7-pt text: a wrapped caption stays within the figure's width
+
+
+def style(method: str, budgets: list[float] = ()) -> dict:
+    """Colour, line style and marker of a method; ``budgets`` (all budgets drawn) tells apart one family's
+    budgets by line style and marker."""
     colour, line, marker = STYLE.get(family(method), ("tab:purple", "-", "v"))
     if method == "uniform_w8a8":
         colour, marker = "tab:brown", "P"
+    b = budget(method)
+    if b is not None and len(budgets) > 1:
+        k = sorted(budgets).index(b) % len(BUDGET_VARIANTS)
+        if k:
+            line, marker = BUDGET_VARIANTS[k]
     return {"color": colour, "linestyle": line, "marker": marker}
 
 
 def _save(fig, png: str | Path, pdf: str | Path, caption: str) -> None:
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom", ha="left")
+    """Writes PNG and PDF with the caption under the plot, wrapped to the figure's width; the saved area grows to
+    take it (``bbox_inches="tight"``), so nothing is cut off."""
+    width = max(40, int(fig.get_figwidth() * CAPTION_CHARS_PER_INCH))
+    fig.text(0.01, 0.0, "\n".join(textwrap.wrap(caption, width)), fontsize=7, va="top", ha="left")
     for path in (png, pdf):
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
+            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -50,15 +65,16 @@ def _by_sigma(results: list[Result]) -> dict[float, list[Result]]:
     return out
 
 
-def _n_budgets(results: list[Result]) -> int:
-    return len({budget(r.method) for r in results if budget(r.method) is not None})
+def _budgets(methods) -> list[float]:
+    return sorted({budget(m) for m in methods if budget(m) is not None})
 
 
 def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
     """One panel per σ, one curve per method; the x axis ends just past the largest radius N samples can certify,
     which is marked. Returns the panels drawn (title, curve labels) for tests."""
     panels = _by_sigma(results)
-    nb = _n_budgets(results)
+    budgets = _budgets(r.method for r in results)
+    nb = len(budgets)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 0.6, 4.4), squeeze=False, sharey=True)
     drawn = []
     for ax, (sigma, group) in zip(axes[0], panels.items()):
@@ -67,7 +83,7 @@ def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str
         labels = []
         for res in group:
             curve = [(res.certified(r)).mean() for r in grid]
-            st = style(res.method)
+            st = style(res.method, budgets)
             label = f"{display_name(res.method, nb)} ({res.summary['bitops_pct']:.3g}% BitOps)"
             ax.plot(grid, curve, color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markevery=50,
                     markersize=5, label=label, linewidth=1.4)
@@ -84,7 +100,7 @@ def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str
         drawn.append((f"σ = {sigma:g}", labels))
     axes[0][0].set_ylabel("certified accuracy (fraction of test images)")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout()
     _save(fig, png, pdf, caption)
     return drawn
 
@@ -93,7 +109,8 @@ def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) ->
     """Weight bits (top) and activation bits (bottom) of each layer, one line per quantized method and σ column."""
     panels = {s: [r for r in g if r.policy is not None] for s, g in _by_sigma(results).items()}
     panels = {s: g for s, g in panels.items() if g}
-    nb = _n_budgets(results)
+    budgets = _budgets(r.method for r in results)
+    nb = len(budgets)
     fig, axes = plt.subplots(2, max(len(panels), 1), figsize=(6.5 * max(len(panels), 1), 6.4), squeeze=False,
                              sharex=True)
     drawn = []
@@ -102,7 +119,7 @@ def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) ->
         x = np.arange(len(names))
         labels = []
         for k, res in enumerate(group):
-            st = style(res.method)
+            st = style(res.method, budgets)
             layers = res.policy["layers"]
             offset = (k - (len(group) - 1) / 2) * 0.06  # a small shift keeps coinciding lines visible
             label = display_name(res.method, nb)
@@ -123,7 +140,7 @@ def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) ->
         axes[1][col].set_xlabel("layer (forward order)")
         drawn.append((f"σ = {sigma:g}", labels))
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout()
     _save(fig, png, pdf, caption)
     return drawn
 
@@ -160,13 +177,13 @@ def pareto(rows, png, pdf, title: str, caption: str) -> list[tuple[str, list[str
             labels.append(name)
         ax.set_xscale("log")
         ax.set_xlabel("BitOps (% of FP32, log scale)")
-        ax.set_ylabel("ACR (mean certified radius, correct images)")
+        ax.set_ylabel("ACR (ℓ2 radius, pixel scale [0, 1])")
         ax.set_title(f"σ = {sigma:g}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="x-small")
         drawn.append((f"σ = {sigma:g}", labels))
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout()
     _save(fig, png, pdf, caption)
     return drawn
 
@@ -178,7 +195,8 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
     keys = sorted({(s, budget(m)) for m, s in curves})
     fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.4 * len(keys) + 0.6), squeeze=False)
     drawn = []
-    nb = len({b for _, b in keys})
+    budgets = sorted({b for _, b in keys})
+    nb = len(budgets)
     for row, (sigma, b) in enumerate(keys):
         for col, fams in enumerate((("arq", "random"), ("haq",))):
             ax = axes[row][col]
@@ -186,7 +204,7 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
             for (method, s), rows in sorted(curves.items(), key=lambda kv: sort_key(kv[0][0])):
                 if s != sigma or budget(method) != b or family(method) not in fams:
                     continue
-                st = style(method)
+                st = style(method, budgets)
                 ep = [int(r["episode"]) for r in rows]
                 ax.plot(ep, [float(r["reward"]) for r in rows], linestyle="none", marker=st["marker"] or ".",
                         markersize=3, alpha=0.35, color=st["color"])
@@ -203,6 +221,6 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
                 ax.legend(fontsize="x-small")
             drawn.append((ax.get_title(), labels))
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout()
     _save(fig, png, pdf, caption)
     return drawn

@@ -54,6 +54,7 @@ class Result:
     correct: np.ndarray
     abstain: np.ndarray
     policy: dict | None = field(default=None)
+    reward_cache_seconds: float = 0.0  # the FP32 IRS cache a certified-reward search scores against
 
     def certified(self, r: float) -> np.ndarray:
         """Per image: correct and certified at radius ≥ r (r = 0: correct, the clean smoothed accuracy)."""
@@ -64,12 +65,14 @@ class Result:
         return np.where(self.correct, self.radius, 0.0)
 
     def policy_seconds(self) -> float | None:
-        """Wall time spent producing the policy: search episodes, or Hessian + ILP; 0 for uniform; None for FP32."""
+        """Wall time spent producing the policy: search episodes (plus the FP32 IRS cache when the reward is
+        certified against it), or Hessian + ILP; 0 for uniform; None for FP32."""
         if self.policy is None:
             return None
         p = self.policy
         if "seconds_per_episode" in p:
-            return float(sum(p["seconds_per_episode"].values()) * p["episodes"])
+            cache = self.reward_cache_seconds if p.get("reward_kind") == "arq" else 0.0
+            return float(sum(p["seconds_per_episode"].values()) * p["episodes"]) + cache
         return float(p.get("seconds_to_policy", 0.0))
 
     def mean_bits(self) -> tuple[float, float]:

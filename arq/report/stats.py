@@ -44,7 +44,8 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int,
                      confidence: float = CONFIDENCE) -> dict:
     """Mean difference a − b over the same images, its percentile bootstrap interval and a two-sided bootstrap
-    p-value (twice the smaller share of resampled differences on either side of zero)."""
+    p-value (twice the smaller share of resampled differences on either side of zero, counted as (k + 1) / (B + 1)
+    so that a finite number of resamples never claims p = 0)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(resamples, len(d)))
@@ -53,6 +54,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int,
     if np.all(d == 0):
         p = 1.0
     else:
-        p = float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+        side = min(int((means <= 0).sum()), int((means >= 0).sum()))
+        p = float(min(1.0, 2 * (side + 1) / (resamples + 1)))
     return {"diff": float(d.mean()), "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)),
             "p": p}

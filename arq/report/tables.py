@@ -45,7 +45,10 @@ def main_table(results: list[Result], radii: list[float], resamples: int, seed: 
 
 
 def reference_for(method: str, sigma: float, by_key: dict) -> dict[str, str]:
-    """Whom a row is tested against: ARQ at the same budget (else ARQ's first budget), and FP32."""
+    """Whom a row is tested against: ARQ at the same budget (else ARQ's first budget), and FP32. FP32 itself is
+    the reference, not a method: its difference from ARQ is ARQ's from FP32 with the sign flipped."""
+    if method == "fp32":
+        return {}
     refs = {}
     arq = sorted((m for (m, s) in by_key if s == sigma and family(m) == "arq"), key=sort_key)
     same = [m for m in arq if budget(m) == budget(method)]
@@ -126,27 +129,46 @@ def markdown(main: pd.DataFrame, tests: pd.DataFrame, title: str, notes: list[st
             if t.empty:
                 continue
             ms = list(dict.fromkeys(t["measure"]))
-            out += [f"Paired differences, method − {vs} (p: McNemar exact for accuracies, paired bootstrap for ACR):",
-                    "", "| method | " + " | ".join(f"Δ {m}" for m in ms) + " |", "|" + "---|" * (len(ms) + 1)]
+            names = part.set_index("method")["name"]
+            out += [f"Paired differences, method − reference (p: McNemar exact for accuracies, paired bootstrap "
+                    f"for ACR):", "", "| method | reference | " + " | ".join(f"Δ {m}" for m in ms) + " |",
+                    "|" + "---|" * (len(ms) + 2)]
             for method, g in t.groupby("method", sort=False):
+                reference = names[g["reference"].iloc[0]]
                 g = g.set_index("measure")
                 cells = []
                 for m in ms:
                     d = g.loc[m]
                     ci = "" if math.isnan(d["low"]) else f" ({d['low']:+.3f}…{d['high']:+.3f})"
                     cells.append(f"{d['diff']:+.3f}{ci} p={_p(d['p'])}")
-                out.append(f"| {part.set_index('method').loc[method, 'name']} | " + " | ".join(cells) + " |")
+                out.append(f"| {names[method]} | {reference} | " + " | ".join(cells) + " |")
             out.append("")
     out += [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
 
 
+TEX_SYMBOLS = {"α": r"$\alpha$", "σ": r"$\sigma$", "ℓ": r"$\ell$", "≤": r"$\leq$", "≥": r"$\geq$",
+               "×": r"$\times$", "·": r"$\cdot$", "±": r"$\pm$", "–": "--", "—": "---", "’": "'"}
+
+
 def _tex(text: str) -> str:
-    return text.replace("%", r"\%").replace("_", r"\_").replace("&", r"\&")
+    """Plain text as pdfLaTeX reads it: special characters escaped, the Greek and maths we print in math mode."""
+    out = []
+    for ch in text:
+        if ch in "%_&#$":
+            out.append("\\" + ch)
+        elif ch == "^":
+            out.append(r"\textasciicircum{}")
+        elif ch == "~":
+            out.append(r"\textasciitilde{}")
+        else:
+            out.append(TEX_SYMBOLS.get(ch, ch))
+    return "".join(out)
 
 
 def latex(main: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs table a paper can \\input: values with their 95% interval half-widths in small print."""
+    """A booktabs table a paper can \\input: each value with its 95% interval as +/− distances in small print
+    (Clopper–Pearson intervals are asymmetric, and never cross 0 or 1)."""
     measures = _measures(main.dropna(axis=1, how="all"))
     cols = "ll" + "r" * (2 + len(measures) + 1)
     head = ["$\\sigma$", "Method", "BitOps (\\%)", "$\\bar b_w$/$\\bar b_a$"] + \
@@ -163,8 +185,8 @@ def latex(main: pd.DataFrame, caption: str, label: str) -> str:
                 if m not in row or (isinstance(row[m], float) and math.isnan(row[m])):
                     cells.append("--")
                     continue
-                half = (row[f"{m}_hi"] - row[f"{m}_lo"]) / 2
-                cells.append(f"{row[m]:.3f}{{\\scriptsize$\\pm${half:.3f}}}")
+                up, down = row[f"{m}_hi"] - row[m], row[m] - row[f"{m}_lo"]
+                cells.append(f"${row[m]:.3f}^{{+{up:.3f}}}_{{-{down:.3f}}}$")
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", f"\\caption{{{_tex(caption)}}}", f"\\label{{{label}}}",
               r"\end{table}"]
