@@ -167,6 +167,17 @@ def test_the_stages_write_traces_and_a_policy_within_every_budget(hawq_setup, tm
         run_allocate(cfg, 0.25, 0.3, model_path, tmp_path / "h.json", tmp_path / "x.json", log=lambda s: None)
     assert not (tmp_path / "x.json").exists()
 
+    # a negative trace is reported before |trace| is used; a fixed activation width goes through the stage
+    first = next(n for n in rules.layers if n not in rules.pinned)
+    doc["layers"][first]["trace"] = -abs(doc["layers"][first]["trace"]) - 1.0
+    (tmp_path / "neg.json").write_text(json.dumps(doc))
+    said = []
+    fixed = copy.deepcopy(cfg)
+    fixed["hawq"]["a_bits"] = 8
+    p = run_allocate(fixed, 0.25, 3.0, model_path, tmp_path / "neg.json", tmp_path / "a8.json", log=said.append)
+    assert any(line.startswith(f"WARNING {first}: negative trace") for line in said)
+    assert all(p["layers"][n]["a_bits"] == 8 for n in rules.layers) and p["bitops_pct"] <= 3.0 + 1e-9
+
 
 def test_traces_of_another_model_are_refused(hawq_setup, tmp_path):
     cfg, model_path, data = hawq_setup
@@ -189,3 +200,26 @@ def test_a_trace_within_two_standard_errors_of_zero_is_listed_as_uncertain():
                        tol=1e-12)
     assert got["uncertain"] == ["c"]
     assert got["layers"]["a"]["trace"] == pytest.approx(10.0) and got["layers"]["a"]["stderr"] == pytest.approx(0)
+
+
+def test_the_hessian_loss_sees_the_images_with_gaussian_noise_of_std_sigma():
+    from arq.hawq.hessian import noisy_loss_batches
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return x.flatten(1)[:, :3]
+
+    x = torch.rand(64, 3, 8, 8)
+    y = torch.zeros(64, dtype=torch.long)
+    batches = noisy_loss_batches(Probe(), x, y, 0.25, 16, torch.Generator().manual_seed(0))
+    shares = [w for _, w in batches()]
+    assert shares == [0.25] * 4 and len(seen) == 4
+    noise = torch.cat(seen) - x
+    assert abs(float(noise.std()) - 0.25) < 0.01 and abs(float(noise.mean())) < 0.01
+    first = torch.cat(seen)
+    seen.clear()
+    list(batches())
+    assert torch.equal(torch.cat(seen), first)  # fixed noise: every pass is the same function of the weights
