@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on CI or clusters
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from arq.io import atomic_path  # noqa: E402
 from arq.report.results import Result, budget, display_name, family, sort_key  # noqa: E402
@@ -176,6 +177,9 @@ def pareto(rows, png, pdf, title: str, caption: str) -> list[tuple[str, list[str
                         marker=st["marker"], markersize=6, capsize=3, linewidth=1.2, label=name)
             labels.append(name)
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 1, 2, 5, 10 rather than 10^0
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
         ax.set_xlabel("BitOps (% of FP32, log scale)")
         ax.set_ylabel("ACR (ℓ2 radius, pixel scale [0, 1])")
         ax.set_title(f"σ = {sigma:g}")
@@ -207,12 +211,13 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
                 st = style(method, budgets)
                 ep = [int(r["episode"]) for r in rows]
                 ax.plot(ep, [float(r["reward"]) for r in rows], linestyle="none", marker=st["marker"] or ".",
-                        markersize=3, alpha=0.35, color=st["color"])
+                        markersize=4, alpha=0.55, color=st["color"])
                 name = display_name(method, nb)
                 ax.plot(ep, [float(r["best_reward"]) for r in rows], color=st["color"], linestyle=st["linestyle"],
                         linewidth=1.6, label=f"{name}: best so far (points: each episode)")
                 labels.append(name)
             ax.set_xlabel("episode")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("reward: λ·(ACR − ACR_FP32)" if col == 0 else "reward: 0.1·(top-1 − top-1_FP32) in pp")
             ax.set_title(f"σ = {sigma:g}, budget {b:g}% BitOps — " + ("certified reward" if col == 0
                                                                       else "HAQ's accuracy reward"))
