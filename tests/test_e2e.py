@@ -197,7 +197,7 @@ def test_smoke_report_and_figures(smoke_run):
     import pandas as pd
 
     md = (report / "table.md").read_text()
-    assert md.startswith("# Method comparison (profile smoke)") and "Paired differences, method − ARQ" in md
+    assert md.startswith("# Method comparison (profile smoke)") and "Paired differences, method − reference" in md
     main = pd.read_csv(report / "table.csv")
     # references first, then the baselines, the control and ARQ
     assert main["method"].tolist() == ["fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "haq_b1.5",
@@ -210,7 +210,18 @@ def test_smoke_report_and_figures(smoke_run):
     assert (main["ACR_lo"] <= main["ACR"] + 1e-12).all() and (main["ACR"] <= main["ACR_hi"] + 1e-12).all()
     tests = pd.read_csv(report / "tests.csv")
     assert set(tests["vs"]) == {"ARQ", "FP32"} and (tests["p"].between(0, 1)).all()
-    assert (report / "table.tex").read_text().startswith("\\begin{table}")
+    assert not (tests["method"] == "fp32").any()  # FP32 is a reference only
+    assert set(tests[tests["vs"] == "ARQ"]["method"]) == {"uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "haq_b1.5",
+                                                          "random_b1.5"}
+    tex = (report / "table.tex").read_text()
+    assert tex.startswith("\\begin{table}") and tex.isascii()
+    policy_seconds = main.set_index("method")["policy_seconds"]
+    assert policy_seconds["uniform_w4a4"] == 0 and policy_seconds["hawq_b1.5"] > 0
+    # the certified-reward searches also pay for the FP32 IRS cache they score against
+    cache = json.loads((workdir / "results" / "smoke" / "irs" / "cache_sigma0.25.json").read_text())
+    arq_policy = json.loads((workdir / "results" / "smoke" / "policies" / "arq_b1.5_sigma0.25.json").read_text())
+    episodes = sum(arq_policy["seconds_per_episode"].values()) * arq_policy["episodes"]
+    assert policy_seconds["arq_b1.5"] == pytest.approx(episodes + cache["wall_seconds"], rel=1e-4)
     for stem in ("certified_accuracy", "bits_per_layer", "acr_vs_bitops", "search_curves"):
         for ext, magic in (("png", b"\x89PNG"), ("pdf", b"%PDF")):
             fig = workdir / "figures" / "smoke" / f"{stem}.{ext}"
