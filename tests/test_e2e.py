@@ -77,6 +77,15 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     assert "results/paper/policies/uniform_w4a4.json" in out
 
 
+def test_lint_finds_nothing_but_the_per_rule_software_environment(tmp_path):
+    """Shell commands take the interpreter and the config file through params (left out of the params rerun
+    trigger), so Snakemake's linter has nothing to say but that rules name no conda environment or container."""
+    require_real_archive(ARCHIVE)
+    r = snakemake(tmp_path, "--lint", "--configfile", str(smoke_copy(tmp_path)), timeout=300)
+    findings = set(re.findall(r"^\s+\* (.+?):?$", r.stdout + r.stderr, flags=re.M))
+    assert findings == {"Specify a conda environment or container for each rule."}, _tail(r)
+
+
 def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     assert not (tmp_path / "config" / "config.yaml").exists()
     config = smoke_copy(tmp_path)

@@ -7,6 +7,7 @@ rule certify:
         tsv=f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.tsv",
         summary=f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.json",
     params:
+        **RUN,
         settings={"certify": config["certify"], "engine": config["engine"], "radii": config["report"]["radii"]},
     log:
         f"{LOGS}/certify/{{method}}_sigma{{sigma}}.log",
@@ -14,7 +15,7 @@ rule certify:
     resources:
         **stage_resources("certify"),
     shell:
-        "{ARQ} certify --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.method} "
+        "{params.arq} certify --config {params.config} --threads {threads} --method {wildcards.method} "
         "--sigma {wildcards.sigma} "
         "--model {input.model} --data {input.data} --manifest {input.manifest} "
         "--out {output.tsv} --summary {output.summary}"

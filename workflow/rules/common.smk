@@ -38,6 +38,26 @@ RESOLVED_CONFIG = f"{RESULTS}/config/{config_hash(config)}.yaml"
 if not os.path.exists(RESOLVED_CONFIG):
     write_text(RESOLVED_CONFIG, yaml.safe_dump(config, sort_keys=False))
 
+
+
+class Unrecorded:
+    """A value a shell command takes through ``params`` but that Snakemake's params rerun trigger leaves out (it
+    records only plain Python values): the interpreter and the resolved-config file say where a job runs and
+    which file holds its settings, not what it computes; each rule's ``settings`` param records that."""
+
+    def __init__(self, text):
+        self.text = str(text)
+
+    def __str__(self):
+        return self.text
+
+    def __repr__(self):
+        return f"Unrecorded({self.text!r})"
+
+
+# every rule's `params: **RUN`, used as {params.arq} ... --config {params.config}
+RUN = {"arq": Unrecorded(ARQ), "config": Unrecorded(RESOLVED_CONFIG)}
+
 # Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
 BUDGETS = [repr(float(b)) for b in config["search"]["budgets"]]

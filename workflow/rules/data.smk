@@ -3,6 +3,7 @@ rule prepare_data:
         data=f"{PREPARED}/cifar10.pt",
         manifest=f"{PREPARED}/manifest.json",
     params:
+        **RUN,
         settings=config["data"],
     log:
         f"{LOGS}/prepare_data.log",
@@ -10,6 +11,6 @@ rule prepare_data:
     resources:
         **stage_resources("prepare"),
     shell:
-        "{ARQ} prepare --config {RESOLVED_CONFIG} --threads {threads} "
+        "{params.arq} prepare --config {params.config} --threads {threads} "
         "--out {output.data} --manifest-out {output.manifest}"
         + LOGGED

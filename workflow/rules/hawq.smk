@@ -6,6 +6,7 @@ rule hessian:
     output:
         traces=f"{RESULTS}/hawq/hessian_sigma{{sigma}}.json",
     params:
+        **RUN,
         settings={k: v for k, v in config["hawq"].items() if k in ("images", "batch_size", "probes", "max_iterations",
                                                                    "tol", "patience", "seed")},
     log:
@@ -14,7 +15,7 @@ rule hessian:
     resources:
         **stage_resources("hawq"),
     shell:
-        "{ARQ} hessian --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
+        "{params.arq} hessian --config {params.config} --threads {threads} --sigma {wildcards.sigma} "
         "--model {input.model} --data {input.data} --manifest {input.manifest} --out {output.traces}"
         + LOGGED
 
@@ -26,6 +27,7 @@ rule allocate_hawq:
     output:
         policy=f"{RESULTS}/policies/hawq_b{{budget}}_sigma{{sigma}}.json",
     params:
+        **RUN,
         settings={"hawq": {k: config["hawq"][k] for k in ("bits", "a_bits")}, "quant": config["quant"],
                   "model": config["model"]},
     log:
@@ -34,6 +36,6 @@ rule allocate_hawq:
     resources:
         **stage_resources("report"),
     shell:
-        "{ARQ} allocate-hawq --config {RESOLVED_CONFIG} --sigma {wildcards.sigma} --budget {wildcards.budget} "
+        "{params.arq} allocate-hawq --config {params.config} --sigma {wildcards.sigma} --budget {wildcards.budget} "
         "--model {input.model} --hessian {input.traces} --out {output.policy}"
         + LOGGED

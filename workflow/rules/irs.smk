@@ -7,6 +7,7 @@ rule irs_cache:
         cache=f"{RESULTS}/irs/cache_sigma{{sigma}}.pt",
         summary=f"{RESULTS}/irs/cache_sigma{{sigma}}.json",
     params:
+        **RUN,
         settings={"irs": config["irs"], "engine": config["engine"]},
     log:
         f"{LOGS}/irs_cache/sigma{{sigma}}.log",
@@ -14,7 +15,7 @@ rule irs_cache:
     resources:
         **stage_resources("irs"),
     shell:
-        "{ARQ} irs-cache --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
+        "{params.arq} irs-cache --config {params.config} --threads {threads} --sigma {wildcards.sigma} "
         "--model {input.model} "
         "--data {input.data} --manifest {input.manifest} --out {output.cache} --summary {output.summary}"
         + LOGGED
@@ -32,6 +33,7 @@ rule certify_incremental:
     wildcard_constraints:
         method=QUANT_METHOD,
     params:
+        **RUN,
         settings={"irs": config["irs"], "engine": config["engine"], "radii": config["report"]["radii"]},
     log:
         f"{LOGS}/certify_incremental/{{method}}_sigma{{sigma}}.log",
@@ -39,7 +41,7 @@ rule certify_incremental:
     resources:
         **stage_resources("irs"),
     shell:
-        "{ARQ} certify-incremental --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.method} "
+        "{params.arq} certify-incremental --config {params.config} --threads {threads} --method {wildcards.method} "
         "--sigma {wildcards.sigma} "
         "--model {input.model} --cache {input.cache} --data {input.data} --manifest {input.manifest} "
         "--out {output.tsv} --summary {output.summary}"

@@ -2,6 +2,7 @@ rule uniform:
     output:
         policy=f"{RESULTS}/policies/uniform_w{{w}}a{{a}}.json",
     params:
+        **RUN,
         settings={"model": config["model"], "quant": config["quant"]},
     log:
         f"{LOGS}/uniform/w{{w}}a{{a}}.log",
@@ -9,7 +10,7 @@ rule uniform:
     resources:
         **stage_resources("report"),
     shell:
-        "{ARQ} uniform --config {RESOLVED_CONFIG} --bits W{wildcards.w}A{wildcards.a} --out {output.policy}"
+        "{params.arq} uniform --config {params.config} --bits W{wildcards.w}A{wildcards.a} --out {output.policy}"
         + LOGGED
 
 
@@ -26,6 +27,7 @@ rule finetune:
     wildcard_constraints:
         method=QUANT_METHOD,
     params:
+        **RUN,
         settings={"model": config["model"], "quant": config["quant"], "finetune": config["finetune"]},
     log:
         f"{LOGS}/finetune/{{method}}_sigma{{sigma}}.log",
@@ -33,7 +35,7 @@ rule finetune:
     resources:
         **stage_resources("finetune"),
     shell:
-        "{ARQ} finetune --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
+        "{params.arq} finetune --config {params.config} --threads {threads} --sigma {wildcards.sigma} "
         "--method {wildcards.method} --base {input.base} --policy {input.policy} "
         "--data {input.data} --manifest {input.manifest} --out {output.model} "
         "--metrics {output.metrics} --log-csv {output.history}"

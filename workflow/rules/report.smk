@@ -11,17 +11,20 @@ rule report:
         search_csvs=expand(f"{RESULTS}/search/{{method}}_sigma{{sigma}}.csv", sigma=SIGMAS, method=SEARCHED),
         irs_caches=expand(f"{RESULTS}/irs/cache_sigma{{sigma}}.json", sigma=SIGMAS) if SEARCHED else [],
     output:
-        *[v for v in REPORT_OUT.values() if isinstance(v, str)],
-        *[f for v in REPORT_OUT.values() if isinstance(v, tuple) for f in v],
+        *[f for v in REPORT_OUT.values() if isinstance(v, tuple) for f in v],  # figures (PNG, PDF)
+        **{k: v for k, v in REPORT_OUT.items() if isinstance(v, str)},  # tables
     params:
+        **RUN,
         settings={"report": config["report"], "budgets": config["search"]["budgets"]},
+        report_dir=lambda w, output: os.path.dirname(output.table_md),
+        figures_dir=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/report.log",
     threads: config["resources"]["report"]["threads"]
     resources:
         **stage_resources("report"),
     shell:
-        "{ARQ} report --config {RESOLVED_CONFIG} --summaries {input.summaries} --tsvs {input.tsvs} "
+        "{params.arq} report --config {params.config} --summaries {input.summaries} --tsvs {input.tsvs} "
         "--policies {input.policies} --search-csvs {input.search_csvs} --irs-caches {input.irs_caches} "
-        "--report-dir {RESULTS}/report --figures-dir {FIGURES}"
+        "--report-dir {params.report_dir} --figures-dir {params.figures_dir}"
         + LOGGED

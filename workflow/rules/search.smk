@@ -9,6 +9,7 @@ rule search:
         episodes=f"{RESULTS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.csv",
         curve=f"{FIGURES}/search/{{search}}_b{{budget}}_sigma{{sigma}}.png",
     params:
+        **RUN,
         settings=search_settings(config),
         state=lambda w: f"{RESULTS}/search/{w.search}_b{w.budget}_sigma{w.sigma}.state.pt",
     log:
@@ -17,7 +18,7 @@ rule search:
     resources:
         **stage_resources("search"),
     shell:
-        "{ARQ} search --config {RESOLVED_CONFIG} --threads {threads} --method {wildcards.search} "
+        "{params.arq} search --config {params.config} --threads {threads} --method {wildcards.search} "
         "--sigma {wildcards.sigma} --budget {wildcards.budget} --model {input.model} --cache {input.cache} "
         "--data {input.data} --manifest {input.manifest} --out-policy {output.policy} "
         "--out-csv {output.episodes} --out-png {output.curve} --state {params.state}"

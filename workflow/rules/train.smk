@@ -7,6 +7,7 @@ rule train_base:
         metrics=f"{RESULTS}/models/fp32_sigma{{sigma}}/train.json",
         history=f"{RESULTS}/models/fp32_sigma{{sigma}}/train.csv",
     params:
+        **RUN,
         settings={"model": config["model"], "train": config["train"]},
     log:
         f"{LOGS}/train_base/sigma{{sigma}}.log",
@@ -14,7 +15,7 @@ rule train_base:
     resources:
         **stage_resources("train"),
     shell:
-        "{ARQ} train --config {RESOLVED_CONFIG} --threads {threads} --sigma {wildcards.sigma} "
+        "{params.arq} train --config {params.config} --threads {threads} --sigma {wildcards.sigma} "
         "--data {input.data} --manifest {input.manifest} --out {output.model} "
         "--metrics {output.metrics} --log-csv {output.history}"
         + LOGGED
