@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arq.io import sha256_file, torch_save, write_json
+from arq.io import provenance, sha256_file, torch_save, write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
@@ -309,6 +310,7 @@ def cert_indices(n_test: int, skip: int) -> torch.Tensor:
 
 
 def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threads: int = 2, log=print) -> dict:
+    start = time.perf_counter()
     d = config["data"]
     if d["source"] == "folder":
         splits, source = read_folder_source(d["path"], d["sha256"], threads)
@@ -345,6 +347,7 @@ def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threa
     if source["kind"] != "torchvision":
         manifest["note"] = ("images are the JPEG re-encoding of CIFAR-10 (quality 75); accuracies can sit slightly "
                             "below numbers published on the original files")
+    manifest.update(provenance(config, torch.device("cpu"), time.perf_counter() - start))
     write_json(manifest_file, manifest)
     return manifest
 

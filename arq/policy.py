@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
 from arq import cost
-from arq.io import write_json
+from arq.io import provenance, write_json
 
 FORMAT = "arq-policy/1"
 
@@ -133,7 +136,9 @@ def for_config(config: Mapping) -> tuple[list[cost.LayerCost], Rules]:
 
 
 def uniform_policy(config: Mapping, tag: str) -> dict:
-    """The uniform WxAy baseline as a policy document (pinned layers keep their bits)."""
+    """The uniform WxAy baseline as a policy document (pinned layers keep their bits), with provenance."""
+    start = time.perf_counter()
     w, a = parse_uniform(tag)
     costs, rules = for_config(config)
-    return make(uniform_layers(rules, w, a), costs, rules, f"uniform {tag.upper()}")
+    return make(uniform_layers(rules, w, a), costs, rules, f"uniform {tag.upper()}",
+                **provenance(config, torch.device("cpu"), time.perf_counter() - start))

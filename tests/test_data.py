@@ -331,6 +331,7 @@ def test_prepare_then_load_round_trip(prepared):
     assert manifest["file_sha256"] == sha256_of(out)
     assert manifest["source"]["sha256"] == sha256_of(archive)
     assert manifest["classes"] == list(CLASSES)
+    assert manifest["git_commit"] and manifest["config_hash"] and manifest["torch"] and manifest["wall_seconds"] > 0
     assert "JPEG" in manifest["note"]
     loaded = load_prepared(out, man)
     train_idx, val_idx = split_indices(20, 4, 5)

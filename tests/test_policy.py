@@ -244,6 +244,8 @@ def test_uniform_policy_from_config(smoke_config, costs):
     assert all(v == {"w_bits": 8, "a_bits": 8} for v in doc["layers"].values())
     assert doc["bitops"] * 16 == doc["fp32_bitops"]
     assert doc["bitops_pct"] == 6.25
+    # like every result file, the policy says which run made it
+    assert doc["profile"] == "smoke" and doc["git_commit"] and doc["config_hash"] and doc["wall_seconds"] >= 0
     with pytest.raises(PolicyError, match="not of the form"):
         policy.uniform_policy(smoke_config, "W4")
     with pytest.raises(PolicyError, match="outside the allowed range"):
