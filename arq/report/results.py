@@ -40,8 +40,11 @@ def display_name(method: str, budgets: int = 1) -> str:
 
 
 def sort_key(method: str) -> tuple:
+    """Table order: by family, then budget; uniform models from the most bits to the fewest (W8A8 before W4A4)."""
     fam = family(method)
-    return (ORDER.index(fam) if fam in ORDER else len(ORDER), budget(method) or 0.0, method)
+    m = re.fullmatch(r"uniform_w(\d+)a(\d+)", method)
+    bits = (-int(m.group(1)), -int(m.group(2))) if m else (0, 0)
+    return (ORDER.index(fam) if fam in ORDER else len(ORDER), budget(method) or 0.0, bits, method)
 
 
 @dataclass
