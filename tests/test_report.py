@@ -128,6 +128,13 @@ def comparison(tmp_path, results):
             [str(pol)])
 
 
+def _cache(tmp_path, sigma=0.25, seconds=35.0):
+    """The FP32 IRS cache summary a certified-reward search's policy time includes."""
+    path = tmp_path / f"cache_sigma{sigma}.json"
+    path.write_text(json.dumps({"sigma": sigma, "wall_seconds": seconds}))
+    return [str(path)]
+
+
 def _approx(v):  # the CSV keeps 6 significant digits
     return pytest.approx(v, rel=1e-5)
 
@@ -197,7 +204,7 @@ def test_the_figures_draw_one_panel_per_sigma_with_display_names(comparison, tmp
     haq_csv = tmp_path / "haq_b1.5_sigma0.25.csv"
     haq_csv.write_text("episode,reward,best_reward\n1,-1.0,-1.0\n2,-0.5,-0.5\n")
     out = report.outputs(tmp_path / "report", tmp_path / "fig", searches=True)
-    report.run(smoke_config, summaries, tsvs, policies, [str(csv_path), str(haq_csv)], out)
+    report.run(smoke_config, summaries, tsvs, policies, [str(csv_path), str(haq_csv)], out, _cache(tmp_path))
     assert drawn["certified_accuracy"] == [("σ = 0.25", ["FP32 (100% BitOps)", "ARQ (1.61% BitOps)"]),
                                            ("σ = 0.5", ["FP32 (100% BitOps)"])]
     assert drawn["bits_per_layer"] == [("σ = 0.25", ["ARQ"])]
@@ -221,6 +228,14 @@ def test_paired_tests_refuse_results_on_different_images(comparison, tmp_path, s
     rows = [(i + 1, *rest) for i, *rest in ROWS_025_B]
     _write_tsv(Path(tsvs[-1]), rows)
     with pytest.raises(ValueError, match="different images"):
+        report.run(smoke_config, summaries, tsvs, policies, [], report.outputs(tmp_path / "r", tmp_path / "f", False),
+                   _cache(tmp_path))
+
+
+def test_a_certified_reward_search_without_its_cache_summary_is_refused(comparison, tmp_path, smoke_config):
+    """Its policy time would silently leave out the FP32 IRS cache it was scored against."""
+    summaries, tsvs, policies = comparison
+    with pytest.raises(ValueError, match=r"arq_b1.5 at σ=0.25 .*--irs-caches"):
         report.run(smoke_config, summaries, tsvs, policies, [], report.outputs(tmp_path / "r", tmp_path / "f", False))
 
 

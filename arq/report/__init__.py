@@ -53,7 +53,11 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
         c = json.loads(Path(path).read_text())
         cache_seconds[float(c["sigma"])] = float(c["wall_seconds"])
     for r in results:
-        r.reward_cache_seconds = cache_seconds.get(r.sigma, 0.0)
+        if r.policy is not None and r.policy.get("reward_kind") == "arq":
+            if r.sigma not in cache_seconds:
+                raise ValueError(f"{r.method} at σ={r.sigma} was searched against the FP32 IRS cache, whose cost is "
+                                 f"part of its policy time: give that cache's summary (--irs-caches)")
+            r.reward_cache_seconds = cache_seconds[r.sigma]
     rc = config["report"]
     main = tables.main_table(results, rc["radii"], rc["bootstrap"], rc["seed"])
     tests = tables.paired_tests(results, rc["radii"], rc["bootstrap"], rc["seed"])
