@@ -142,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP32 IRS cache summaries (JSON): their time counts towards the certified-reward searches")
     p.add_argument("--report-dir", required=True, help="where table.{md,csv,tex} and tests.csv go")
     p.add_argument("--figures-dir", required=True, help="where the figures go")
+
+    p = sub.add_parser("artifacts", help="DVC: track, push, pull and verify a profile's binary artifacts")
+    p.add_argument("action", choices=("add", "push", "pull", "verify"),
+                   help="add: dvc add every binary output of a finished run; push: add, then upload; pull: "
+                        "download, verify and stamp in DAG order so Snakemake has nothing to rerun; verify: check "
+                        "every tracked file against its .dvc record")
+    p.add_argument("config", help="the profile YAML, as given to snakemake --configfile")
+    p.add_argument("overlays", nargs="*", help="further --configfile YAMLs of the run, in order")
+    p.add_argument("--remote", default=None, help="DVC remote name (default: the repository's default remote)")
+
+    p = sub.add_parser("regenerate", help="rebuild a profile's tables and figures from its committed text results")
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
+    p.add_argument("--check", action="store_true",
+                   help="rebuild into a scratch directory and fail if a table differs from the profile's own")
     return parser
 
 
@@ -174,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from arq import config as cfg
+    from arq.artifacts import ArtifactError
     from arq.data import DataError, load_prepared
     from arq.irs import CacheError
     from arq.models import CheckpointError
@@ -205,6 +220,36 @@ def main(argv: list[str] | None = None) -> int:
             tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out,
                                 args.irs_caches)
             print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
+            return 0
+        if args.command == "artifacts":
+            from arq import artifacts
+
+            files = [args.config, *args.overlays]
+            if args.action == "verify":
+                n = len(artifacts.verify(config))
+                print(f"profile {config['profile']!r}: {n} DVC-tracked file(s) match their records")
+            elif args.action == "add":
+                artifacts.add(config, files)
+            else:
+                getattr(artifacts, args.action)(config, files, args.remote)
+            return 0
+        if args.command == "regenerate":
+            import tempfile
+
+            from arq import report
+
+            if not args.check:
+                out = report.regenerate(config)
+                print("\n".join(v if isinstance(v, str) else "\n".join(v) for v in out.values()))
+                return 0
+            with tempfile.TemporaryDirectory() as scratch:
+                diffs = report.check(config, scratch)
+            if diffs:
+                print("".join(diffs), file=sys.stderr)
+                print(f"arq regenerate: {len(diffs)} table(s) of profile {config['profile']!r} differ from what its "
+                      f"text results give", file=sys.stderr)
+                return 1
+            print(f"profile {config['profile']!r}: every table regenerates byte for byte")
             return 0
         if args.command == "uniform":
             from arq import policy
@@ -273,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                                args.alpha or config["certify"]["alpha"], device, args.method, args.sigma)
             print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
         return 0
-    except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError, BudgetError) as exc:
+    except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError, BudgetError, ArtifactError,
+            FileNotFoundError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

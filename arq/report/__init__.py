@@ -24,7 +24,9 @@ def _profile_note(config: dict, results: list[Result]) -> str:
             f"samples (N0 = {s['n0']}), α = {s['alpha']:g}; {config['model']['arch']}.")
 
 
-TABLES = {"table_md": "table.md", "table_csv": "table.csv", "table_tex": "table.tex", "tests_csv": "tests.csv"}
+TABLES = {"table_md": "table.md", "table_csv": "table.csv", "table_tex": "table.tex", "tests_csv": "tests.csv",
+          "metrics": "metrics.json", "curves": "curves.csv"}
+CURVE_STEP = 0.01  # radius grid of curves.csv
 FIGURES = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
            "search": "search_curves"}
 
@@ -37,6 +39,28 @@ def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool, qua
     out.update({k: (str(Path(figures_dir) / f"{v}.png"), str(Path(figures_dir) / f"{v}.pdf"))
                 for k, v in FIGURES.items() if drawn.get(k, True)})
     return out
+
+
+def metrics(main) -> dict:
+    """The headline numbers per model and σ (``dvc metrics show``): cost, clean and certified accuracy, ACR."""
+    keep = ["bitops_pct", "w_bits", "a_bits", "clean"] + [c for c in main.columns if c.startswith("r=") and
+                                                          not c.endswith(("_lo", "_hi"))] + ["ACR", "abstain"]
+    return {f"{row['method']}_sigma{row['sigma']:g}": {k: round(float(row[k]), 6) for k in keep}
+            for _, row in main.iterrows()}
+
+
+def curve_table(results: list[Result]):
+    """Certified accuracy against radius, one row per (σ, model, radius) on a grid of CURVE_STEP up to the largest
+    certifiable radius: the data behind the certified-accuracy figure, for ``dvc plots``."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        grid = np.arange(0.0, r.summary["max_certifiable_radius"] + CURVE_STEP / 2, CURVE_STEP)
+        rows += [{"sigma": r.sigma, "model": f"{r.method}_sigma{r.sigma:g}", "radius": round(float(x), 6),
+                  "certified_accuracy": float(r.certified(x).mean())} for x in grid]
+    return pd.DataFrame(rows, columns=["sigma", "model", "radius", "certified_accuracy"])
 
 
 def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str], search_csvs: list[str],
@@ -75,6 +99,9 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
         main, f"Certified robustness of quantized {config['model']['arch']} on CIFAR-10 (profile {config['profile']}): "
               f"clean and certified accuracy and ACR with 95% interval half-widths. {note}",
         f"tab:arq-{config['profile']}"))
+    write_text(out["metrics"], json.dumps(metrics(main), indent=1) + "\n")
+    with atomic_path(out["curves"]) as tmp:
+        curve_table(results).to_csv(tmp, index=False, float_format="%.6g")
     arch = config["model"]["arch"]
     figures.certified_accuracy(results, *out["certified"], f"Certified accuracy, {arch} on CIFAR-10",
                                f"{note} Dotted line: the largest radius N samples can certify at α. {CAVEAT}.")
@@ -102,3 +129,40 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
                               f"steps. ARQ and random search share the reward; HAQ's is on clean accuracy. "
                               f"Profile '{config['profile']}'.")
     return {"main": main, "tests": tests}
+
+
+def regenerate(config: dict, report_dir: str | Path | None = None, figures_dir: str | Path | None = None) -> dict:
+    """Rebuild a profile's tables and figures from its text results alone (no checkpoint, no Snakemake), into its
+    own report and figures directories unless others are given. Returns the files written."""
+    from arq import layout
+
+    inputs = layout.report_inputs(config)
+    missing = [p for paths in inputs.values() for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"profile {config['profile']!r} lacks {len(missing)} text result(s) the report reads, "
+                                f"e.g. {', '.join(missing[:3])}: run its workflow first")
+    out = outputs(report_dir or f"{layout.results_dir(config)}/report", figures_dir or layout.figures_dir(config),
+                  bool(inputs["search_csvs"]), bool(inputs["policies"]))
+    run(config, inputs["summaries"], inputs["tsvs"], inputs["policies"], inputs["search_csvs"], out,
+        inputs["irs_caches"])
+    return out
+
+
+def check(config: dict, scratch: str | Path) -> list[str]:
+    """Regenerate into ``scratch`` and compare every table with the one in the profile's report directory, byte
+    for byte. Returns a unified diff per differing or missing table (empty: all identical). Figures are rebuilt
+    too, so a broken figure fails, but not compared: their bytes depend on the matplotlib build."""
+    import difflib
+
+    from arq import layout
+
+    out = regenerate(config, Path(scratch) / "report", Path(scratch) / "figures")
+    diffs = []
+    for key, name in TABLES.items():
+        committed = Path(layout.results_dir(config)) / "report" / name
+        new = Path(out[key]).read_text()
+        old = committed.read_text() if committed.exists() else ""
+        if new != old:
+            diffs.append("".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(committed),
+                                                      f"regenerated {name}")) or f"{committed}: missing\n")
+    return diffs

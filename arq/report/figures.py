@@ -50,12 +50,14 @@ def style(method: str, budgets: list[float] = ()) -> dict:
 
 def _save(fig, png: str | Path, pdf: str | Path, caption: str) -> None:
     """Writes PNG and PDF with the caption under the plot, wrapped to the figure's width; the saved area grows to
-    take it (``bbox_inches="tight"``), so nothing is cut off."""
+    take it (``bbox_inches="tight"``), so nothing is cut off. No creation date is stored, so the same results give
+    the same bytes with the same matplotlib."""
     width = max(40, int(fig.get_figwidth() * CAPTION_CHARS_PER_INCH))
     fig.text(0.01, 0.0, "\n".join(textwrap.wrap(caption, width)), fontsize=7, va="top", ha="left")
-    for path in (png, pdf):
+    for path, undated in ((png, {}), (pdf, {"CreationDate": None})):
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150, bbox_inches="tight", pad_inches=0.1)
+            fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150, bbox_inches="tight", pad_inches=0.1,
+                        metadata=undated)
     plt.close(fig)
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from arq import budget
-from arq.config import ConfigError, config_hash, load, search_settings, sigma_tag, validate
+from arq import artifacts, budget, layout
+from arq.config import ConfigError, config_hash, load, search_settings, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
 
@@ -22,11 +22,11 @@ except ConfigError as exc:
     raise WorkflowError(str(exc))
 
 PROFILE = config["profile"]
-RESULTS = f"{config['paths']['results']}/{PROFILE}"
-PREPARED = f"{config['paths']['data']}/prepared/{PROFILE}"
-FIGURES = f"{config['paths']['figures']}/{PROFILE}"
+RESULTS = layout.results_dir(config)
+PREPARED = layout.prepared_dir(config)
+FIGURES = layout.figures_dir(config)
 LOGS = f"{config['paths']['logs']}/{PROFILE}"
-SIGMAS = [sigma_tag(s) for s in config["sigmas"]]
+SIGMAS = layout.sigmas(config)
 ARQ = f"{sys.executable} -m arq"
 
 # The CLI reads the effective configuration (profile, overlays, --config overrides) from one file per
@@ -58,12 +58,10 @@ class Unrecorded:
 # every rule's `params: **RUN`, used as {params.arq} ... --config {params.config}
 RUN = {"arq": Unrecorded(ARQ), "config": Unrecorded(RESOLVED_CONFIG)}
 
-# Model names: "fp32" for the base model, "<family>_<variant>" for quantized ones (uniform_w4a4, ...).
+# Model names and file layout: arq/layout.py (shared with the report regeneration and the DVC artifact commands).
 QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
-BUDGETS = [repr(float(b)) for b in config["search"]["budgets"]]
-SEARCHED = [f"{m}_b{b}" for m in config["search"]["methods"] for b in BUDGETS]  # e.g. arq_b1.5
-HAWQ = [f"hawq_b{b}" for b in BUDGETS] if config["hawq"]["enabled"] else []
-METHODS = ["fp32"] + [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]] + HAWQ + SEARCHED
+SEARCHED = layout.searched(config)  # e.g. arq_b1.5
+METHODS = layout.methods(config)
 # Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
 IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
 
@@ -76,15 +74,8 @@ wildcard_constraints:
     budget=r"[0-9]+\.[0-9]+",
 
 
-def policy_file(method, sigma):
-    """Uniform policies do not depend on σ; searched and HAWQ ones are found per σ."""
-    if method.startswith("uniform_"):
-        return f"{RESULTS}/policies/{method}.json"
-    return f"{RESULTS}/policies/{method}_sigma{sigma}.json"
-
-
 def policy_path(wildcards):
-    return policy_file(wildcards.method, wildcards.sigma)
+    return layout.policy_file(config, wildcards.method, wildcards.sigma)
 
 
 # Every job's output goes to its log (the latest attempt) and is appended to <log>.attempts, so rerunning an
@@ -115,6 +106,20 @@ def check_source():
 
 
 check_source()
+
+
+def check_artifacts():
+    """A file DVC tracks (it has a committed .dvc record) but that is absent is an error, not a job: recomputing it
+    would silently replace the published artifact with a new one, at the cost of the stages that made it."""
+    gone = artifacts.missing(config)
+    if gone:
+        raise WorkflowError(
+            f"{len(gone)} file(s) tracked by DVC are missing, e.g. {', '.join(map(str, gone[:3]))}: run "
+            f"`arq artifacts pull {' '.join(workflow.overwrite_configfiles or ['config/config.yaml'])}` (or "
+            f"`dvc pull`). To recompute one instead, remove its record first (`dvc remove <file>.dvc`).")
+
+
+check_artifacts()
 
 
 def stage_resources(stage):

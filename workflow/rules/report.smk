@@ -1,18 +1,27 @@
 from arq.report import outputs as report_outputs
 
 REPORT_OUT = report_outputs(f"{RESULTS}/report", FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"])
+# Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
+CAPTIONS = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
+            "search": "search_curves", "table_md": "table", "table_csv": "table", "table_tex": "table",
+            "tests_csv": "tests", "curves": "certified_accuracy"}
+
+
+def reported(key, path):
+    """A report output as an item of the HTML report (PNG figures and tables; PDFs and metrics.json stay plain)."""
+    if key not in CAPTIONS or path.endswith(".pdf"):
+        return path
+    kind = "Figures" if path.endswith(".png") else "Tables"
+    return report(path, caption=f"../report/{CAPTIONS[key]}.rst", category=f"Comparison ({PROFILE})",
+                  subcategory=kind)
 
 
 rule report:
     input:
-        summaries=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.json", sigma=SIGMAS, method=METHODS),
-        tsvs=expand(f"{RESULTS}/certify/{{method}}_sigma{{sigma}}.tsv", sigma=SIGMAS, method=METHODS),
-        policies=sorted({policy_file(m, s) for m in METHODS if m != "fp32" for s in SIGMAS}),
-        search_csvs=expand(f"{RESULTS}/search/{{method}}_sigma{{sigma}}.csv", sigma=SIGMAS, method=SEARCHED),
-        irs_caches=expand(f"{RESULTS}/irs/cache_sigma{{sigma}}.json", sigma=SIGMAS) if SEARCHED else [],
+        **layout.report_inputs(config),
     output:
-        *[f for v in REPORT_OUT.values() if isinstance(v, tuple) for f in v],  # figures (PNG, PDF)
-        **{k: v for k, v in REPORT_OUT.items() if isinstance(v, str)},  # tables
+        *[reported(k, f) for k, v in REPORT_OUT.items() if isinstance(v, tuple) for f in v],  # figures (PNG, PDF)
+        **{k: reported(k, v) for k, v in REPORT_OUT.items() if isinstance(v, str)},  # tables
     params:
         **RUN,
         settings={"report": config["report"], "budgets": config["search"]["budgets"]},

@@ -7,7 +7,8 @@ rule search:
     output:
         policy=f"{RESULTS}/policies/{{search}}_b{{budget}}_sigma{{sigma}}.json",
         episodes=f"{RESULTS}/search/{{search}}_b{{budget}}_sigma{{sigma}}.csv",
-        curve=f"{FIGURES}/search/{{search}}_b{{budget}}_sigma{{sigma}}.png",
+        curve=report(f"{FIGURES}/search/{{search}}_b{{budget}}_sigma{{sigma}}.png",
+                      caption="../report/search_curve.rst", category=f"Searches ({PROFILE})"),
     params:
         **RUN,
         settings=search_settings(config),

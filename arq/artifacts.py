@@ -1,0 +1,164 @@
+"""DVC as the artifact store of a Snakemake workflow: binary files (prepared data, checkpoints, IRS caches, search
+states) are tracked by DVC, text results by git, and Snakemake alone decides what runs.
+
+Neither git nor DVC keeps modification times, so files restored by ``git clone`` and ``dvc pull`` come back in
+arbitrary time order, and Snakemake's mtime trigger would rerun the whole DAG. ``pull`` therefore restores and
+verifies every tracked file, checks that the workflow has nothing to run apart from time order, and only then
+stamps the outputs in DAG order with ``snakemake --touch`` (which also records each job's parameters, so a later
+config change still reruns what it affects). ``add`` does the same after ``dvc add``, which rewrites the files it
+tracks. Nothing is ever recomputed to paper over a missing or corrupt artifact: that is an error naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from arq import layout
+
+# Triggers that do not look at modification times: a job with a missing output, a changed set of input files,
+# changed parameters or code still counts as pending.
+TIMELESS_TRIGGERS = ("input", "params", "software-env", "code")
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], root: Path, what: str) -> str:
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise ArtifactError(f"{what} failed (exit {p.returncode}):\n{tail}")
+    return out
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def snakemake(configfiles: list[str], *args: str) -> list[str]:
+    # targets and flags first: --configfile takes every argument after it
+    return [sys.executable, "-m", "snakemake", "--cores", "1", *args, "--configfile", *configfiles]
+
+
+def record(dvc_file: Path) -> dict:
+    """The md5 and size a ``.dvc`` file records for its one output."""
+    try:
+        out = yaml.safe_load(dvc_file.read_text())["outs"][0]
+        return {"md5": str(out["md5"]), "size": int(out["size"])}
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{dvc_file}: not a readable DVC file with one output ({exc})") from exc
+
+
+def tracked(config: dict, root: str | Path = ".") -> list[Path]:
+    """The profile's files that DVC tracks (each has a ``<file>.dvc`` record committed to git)."""
+    root = Path(root)
+    found = []
+    for base in (layout.prepared_dir(config), layout.results_dir(config)):
+        found += [p.relative_to(root).with_suffix("") for p in sorted((root / base).rglob("*.dvc"))]
+    return found
+
+
+def missing(config: dict, root: str | Path = ".") -> list[Path]:
+    root = Path(root)
+    return [p for p in tracked(config, root) if not (root / p).exists()]
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(config: dict, root: str | Path = ".") -> list[Path]:
+    """Check every tracked file against its ``.dvc`` record (size, then md5). ``dvc checkout`` restores a corrupt
+    cache object without a word, so this is what catches one. Returns the files checked."""
+    root = Path(root)
+    files, problems = tracked(config, root), []
+    for rel in files:
+        rec, path = record(root / f"{rel}.dvc"), root / rel
+        if not path.exists():
+            problems.append(f"{rel}: missing (tracked by {rel}.dvc)")
+        elif path.stat().st_size != rec["size"] or md5(path) != rec["md5"]:
+            problems.append(f"{rel}: content differs from {rel}.dvc (md5 {md5(path)}, recorded {rec['md5']}); "
+                            f"if it came from `dvc pull`, the cache object .dvc/cache/files/md5/{rec['md5'][:2]}/"
+                            f"{rec['md5'][2:]} is corrupt: delete it and pull again")
+    if problems:
+        raise ArtifactError(f"{len(problems)} DVC-tracked file(s) of profile {config['profile']!r} do not match "
+                            f"their records:\n  " + "\n  ".join(problems))
+    return files
+
+
+def pending(configfiles: list[str], root: str | Path = ".") -> str | None:
+    """The jobs Snakemake would run for reasons other than modification times (missing outputs, changed
+    parameters, input sets or code), as its dry run prints them; None when there are none."""
+    out = _run(snakemake(configfiles, "--dry-run", "--rerun-triggers", *TIMELESS_TRIGGERS), Path(root),
+               "snakemake --dry-run")
+    if "Nothing to be done" in out:
+        return None
+    lines = out.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Job stats")), 0)
+    return "\n".join(lines[start:start + 30])
+
+
+def restamp(configfiles: list[str], root: str | Path = ".") -> None:
+    """Mark every job of the workflow as done, in DAG order (``snakemake --touch --forceall``). Only call it once
+    ``pending`` has found nothing: it hides whatever would otherwise have rerun."""
+    _run(snakemake(configfiles, "--touch", "--forceall", "--quiet", "all"), Path(root), "snakemake --touch")
+
+
+def _require_done(configfiles: list[str], root: Path, after: str) -> None:
+    jobs = pending(configfiles, root)
+    if jobs:
+        raise ArtifactError(f"{after}, the workflow still has jobs to run, so its results are incomplete or out of "
+                            f"date; nothing was stamped:\n{jobs}")
+
+
+def add(config: dict, configfiles: list[str], root: str | Path = ".", log=print) -> list[Path]:
+    """Track every binary output of a finished profile with DVC (``dvc add``), then restamp the outputs so that
+    Snakemake does not take the rewritten files for new inputs. Refuses a workflow with jobs still to run."""
+    root = Path(root)
+    _require_done(configfiles, root, "Before tracking")
+    files = layout.binary_outputs(config, root)
+    if not files:
+        raise ArtifactError(f"profile {config['profile']!r} has no binary outputs under {root}: run its workflow")
+    log(f"dvc add: {len(files)} file(s) of profile {config['profile']!r}")
+    _run(dvc("add", "--quiet", *map(str, files)), root, "dvc add")
+    restamp(configfiles, root)
+    return files
+
+
+def push(config: dict, configfiles: list[str], remote: str | None = None, root: str | Path = ".",
+         log=print) -> list[Path]:
+    """``add``, then upload the tracked files to the DVC remote (the default one unless named)."""
+    root = Path(root)
+    files = add(config, configfiles, root, log)
+    _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
+    log(f"pushed {len(files)} file(s); commit their records: git add -f " +
+        " ".join(f"{f}.dvc" for f in files))
+    return files
+
+
+def pull(config: dict, configfiles: list[str], remote: str | None = None, root: str | Path = ".",
+         log=print) -> list[Path]:
+    """Download the profile's tracked files, verify each against its record, check that the workflow is complete
+    apart from modification times, and stamp its outputs in DAG order: ``snakemake -n`` then has nothing to do."""
+    root = Path(root)
+    files = tracked(config, root)
+    if not files:
+        raise ArtifactError(f"profile {config['profile']!r} has no DVC records (*.dvc) under "
+                            f"{layout.prepared_dir(config)} or {layout.results_dir(config)}: nothing to pull")
+    log(f"dvc pull: {len(files)} file(s) of profile {config['profile']!r}")
+    _run(dvc("pull", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc pull")
+    verify(config, root)
+    _require_done(configfiles, root, "After the pull")
+    restamp(configfiles, root)
+    log(f"verified {len(files)} file(s) against their records; outputs stamped in DAG order")
+    return files
