@@ -2,11 +2,13 @@
 states) are tracked by DVC, text results by git, and Snakemake alone decides what runs.
 
 Neither git nor DVC keeps modification times, so files restored by ``git clone`` and ``dvc pull`` come back in
-arbitrary time order, and Snakemake's mtime trigger would rerun the whole DAG. ``pull`` therefore restores and
-verifies every tracked file, checks that the workflow has nothing to run apart from time order, and only then
-stamps the outputs in DAG order with ``snakemake --touch`` (which also records each job's parameters, so a later
-config change still reruns what it affects). ``add`` does the same after ``dvc add``, which rewrites the files it
-tracks. Nothing is ever recomputed to paper over a missing or corrupt artifact: that is an error naming it.
+arbitrary time order, and Snakemake's mtime trigger would rerun the whole DAG (in Snakemake 9 that trigger
+cannot be switched off: ``--rerun-triggers`` without ``mtime`` still compares times). ``pull`` therefore restores
+and verifies every tracked file, stamps the outputs in DAG order with ``snakemake --touch`` (which also records
+each job's parameters, so a later config change still reruns what it affects), and then requires a dry run to
+find nothing to do: a missing output is an error, not a job. ``add`` requires the same of the finished run before
+``dvc add`` rewrites the files it tracks, and restamps after it. Nothing is ever recomputed to paper over a
+missing or corrupt artifact.
 """
 from __future__ import annotations
 
@@ -18,11 +20,6 @@ from pathlib import Path
 import yaml
 
 from arq import layout
-
-# Triggers that do not look at modification times: a job with a missing output, a changed set of input files,
-# changed parameters or code still counts as pending.
-TIMELESS_TRIGGERS = ("input", "params", "software-env", "code")
-
 
 class ArtifactError(RuntimeError):
     pass
@@ -97,41 +94,41 @@ def verify(config: dict, root: str | Path = ".") -> list[Path]:
 
 
 def pending(configfiles: list[str], root: str | Path = ".") -> str | None:
-    """The jobs Snakemake would run for reasons other than modification times (missing outputs, changed
-    parameters, input sets or code), as its dry run prints them; None when there are none."""
-    out = _run(snakemake(configfiles, "--dry-run", "--rerun-triggers", *TIMELESS_TRIGGERS), Path(root),
-               "snakemake --dry-run")
+    """The jobs ``snakemake --dry-run`` would run, as it prints them (the Job stats table and the first reasons);
+    None when it has nothing to do."""
+    out = _run(snakemake(configfiles, "--dry-run"), Path(root), "snakemake --dry-run")
     if "Nothing to be done" in out:
         return None
     lines = out.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("Job stats")), 0)
-    return "\n".join(lines[start:start + 30])
+    return "\n".join(lines[start:start + 40])
 
 
 def restamp(configfiles: list[str], root: str | Path = ".") -> None:
-    """Mark every job of the workflow as done, in DAG order (``snakemake --touch --forceall``). Only call it once
-    ``pending`` has found nothing: it hides whatever would otherwise have rerun."""
+    """Mark every job of the workflow as done, in DAG order (``snakemake --touch --forceall``). It skips a job
+    whose outputs are absent, so ``_require_done`` must follow; before it, it hides what would have rerun."""
     _run(snakemake(configfiles, "--touch", "--forceall", "--quiet", "all"), Path(root), "snakemake --touch")
 
 
-def _require_done(configfiles: list[str], root: Path, after: str) -> None:
+def _require_done(configfiles: list[str], root: Path, when: str) -> None:
     jobs = pending(configfiles, root)
     if jobs:
-        raise ArtifactError(f"{after}, the workflow still has jobs to run, so its results are incomplete or out of "
-                            f"date; nothing was stamped:\n{jobs}")
+        raise ArtifactError(f"{when}, the workflow still has jobs to run, so its results are incomplete or out of "
+                            f"date:\n{jobs}")
 
 
 def add(config: dict, configfiles: list[str], root: str | Path = ".", log=print) -> list[Path]:
     """Track every binary output of a finished profile with DVC (``dvc add``), then restamp the outputs so that
     Snakemake does not take the rewritten files for new inputs. Refuses a workflow with jobs still to run."""
     root = Path(root)
-    _require_done(configfiles, root, "Before tracking")
+    _require_done(configfiles, root, "Before tracking (nothing was added)")
     files = layout.binary_outputs(config, root)
     if not files:
         raise ArtifactError(f"profile {config['profile']!r} has no binary outputs under {root}: run its workflow")
     log(f"dvc add: {len(files)} file(s) of profile {config['profile']!r}")
-    _run(dvc("add", "--quiet", *map(str, files)), root, "dvc add")
+    _run(dvc("add", *map(str, files)), root, "dvc add")
     restamp(configfiles, root)
+    _require_done(configfiles, root, "After dvc add")
     return files
 
 
@@ -148,8 +145,8 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
 
 def pull(config: dict, configfiles: list[str], remote: str | None = None, root: str | Path = ".",
          log=print) -> list[Path]:
-    """Download the profile's tracked files, verify each against its record, check that the workflow is complete
-    apart from modification times, and stamp its outputs in DAG order: ``snakemake -n`` then has nothing to do."""
+    """Download the profile's tracked files, verify each against its record, stamp the outputs in DAG order and
+    require the workflow to be complete: ``snakemake -n`` then has nothing to do."""
     root = Path(root)
     files = tracked(config, root)
     if not files:
@@ -158,7 +155,7 @@ def pull(config: dict, configfiles: list[str], remote: str | None = None, root: 
     log(f"dvc pull: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("pull", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc pull")
     verify(config, root)
-    _require_done(configfiles, root, "After the pull")
     restamp(configfiles, root)
+    _require_done(configfiles, root, "After the pull")
     log(f"verified {len(files)} file(s) against their records; outputs stamped in DAG order")
     return files

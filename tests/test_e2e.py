@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -268,6 +269,193 @@ def test_smoke_second_run_has_nothing_to_do(smoke_run):
     r = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
     assert "Nothing to be done" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------- the reviewer's flow through a DVC remote
+
+CI_PATHS = {"data": "data", "results": "results", "figures": "figures", "logs": "logs"}
+PROFILE_DIRS = ("data/prepared/smoke", "results/smoke", "figures/smoke")
+
+
+def _sh(cwd: Path, *cmd: str, timeout: int = 600) -> str:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, _tail(r)
+    return r.stdout + r.stderr
+
+
+def _publish(root: Path) -> None:
+    """What a publisher of the smoke profile does first: stop ignoring its directories (as results/cpu/ is not
+    ignored); *.pt and the per-parse resolved configs stay ignored."""
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text().splitlines()
+    kept = [line for line in lines if line not in ("results/smoke/", "figures/smoke/", "/data/prepared/smoke/")]
+    assert len(lines) - len(kept) == 3
+    gitignore.write_text("\n".join(kept) + "\n")
+
+
+@pytest.fixture(scope="module")
+def reviewer(smoke_run, tmp_path_factory):
+    """A publisher's repository holding the smoke run (text in git, binaries pushed to a local-directory DVC
+    remote), and a reviewer's fresh clone of it after ``arq artifacts pull``."""
+    workdir, cfg = _check_ran(smoke_run)
+    base = tmp_path_factory.mktemp("reviewer")
+    origin, clone, remote = base / "origin", base / "clone", base / "remote"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file():
+            (origin / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, origin / rel)
+    profile = yaml.safe_load(smoke_run[2].read_text())
+    profile["paths"] = CI_PATHS
+    (origin / "config" / "smoke-ci.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    for d in PROFILE_DIRS:  # as the run left them (copy2 keeps the modification times)
+        shutil.copytree(workdir / d, origin / d, ignore=shutil.ignore_patterns("config", "fp32_sigma0.5*"))
+    _publish(origin)
+    _sh(origin, "git", "init", "-q")
+    _sh(origin, "git", "config", "user.email", "ci@example.org")
+    _sh(origin, "git", "config", "user.name", "ci")
+    _sh(origin, sys.executable, "-m", "dvc", "remote", "add", "-d", "ci", str(remote))
+    pushed = _sh(origin, sys.executable, "-m", "arq", "artifacts", "push", "config/smoke-ci.yaml")
+    _sh(origin, "git", "add", "-A")
+    _sh(origin, "git", "commit", "-qm", "smoke run: text results in git, binaries in DVC")
+    _sh(base, "git", "clone", "-q", str(origin), str(clone))
+    pulled = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+    return origin, clone, remote, pushed, pulled
+
+
+def _clone_snakemake(clone: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args, "--configfile",
+                           "config/smoke-ci.yaml"], cwd=clone, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_reviewer_pull_restores_every_artifact_byte_for_byte(reviewer):
+    origin, clone, remote, pushed, pulled = reviewer
+    from arq.artifacts import md5
+
+    binaries = sorted(str(p.relative_to(origin)) for d in PROFILE_DIRS for p in (origin / d).rglob("*.pt"))
+    # prepared data, the FP32 model, six quantized models, the IRS cache, three search states
+    assert len(binaries) >= 10 and "data/prepared/smoke/cifar10.pt" in binaries
+    assert f"dvc add: {len(binaries)} file(s)" in pushed and f"dvc pull: {len(binaries)} file(s)" in pulled
+    for rel in binaries:
+        assert (clone / f"{rel}.dvc").exists(), rel  # the record is in git ...
+        assert not subprocess.run(["git", "ls-files", "--error-unmatch", rel], cwd=clone,
+                                  capture_output=True).returncode == 0, rel  # ... the binary is not
+        assert md5(clone / rel) == md5(origin / rel), rel
+    assert len(list((remote / "files" / "md5").rglob("*"))) > len(binaries)
+
+
+@pytest.mark.e2e
+def test_reviewer_clone_has_nothing_to_do_and_a_deleted_table_reruns_only_the_report(reviewer):
+    origin, clone, *_ = reviewer
+    r = _clone_snakemake(clone, "-n")
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, _tail(r)
+    table = clone / "results" / "smoke" / "report" / "table.md"
+    before = table.read_text()
+    table.unlink()
+    r = _clone_snakemake(clone, "-n")
+    assert r.returncode == 0, _tail(r)
+    assert job_counts(r.stdout + r.stderr) == {"report": 1, "all": 1, "total": 2}
+    r = _clone_snakemake(clone)
+    assert r.returncode == 0, _tail(r)
+    assert table.read_text() == before
+    r = _clone_snakemake(clone, "-n")
+    assert "Nothing to be done" in r.stdout + r.stderr, _tail(r)
+
+
+@pytest.mark.e2e
+def test_reviewer_clone_refuses_to_recompute_a_missing_tracked_file(reviewer):
+    origin, clone, *_ = reviewer
+    model = clone / "results" / "smoke" / "models" / "arq_b1.5_sigma0.25" / "model.pt"
+    kept = model.read_bytes()
+    model.unlink()
+    try:
+        r = _clone_snakemake(clone, "-n")
+        assert r.returncode != 0
+        out = r.stdout + r.stderr
+        assert "1 file(s) tracked by DVC are missing, e.g. results/smoke/models/arq_b1.5_sigma0.25/model.pt" in out
+        assert "arq artifacts pull config/smoke-ci.yaml" in out
+    finally:
+        model.write_bytes(kept)
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+
+
+@pytest.mark.e2e
+def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
+    origin, clone, *_ = reviewer
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=clone,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, _tail(shown)
+    metrics = json.loads(shown.stdout)  # stderr: the profiles not run here (paper) are absent
+    smoke = metrics[""]["data"]["results/smoke/report/metrics.json"]["data"]
+    assert set(smoke) == {"fp32_sigma0.25", "uniform_w8a8_sigma0.25", "uniform_w4a4_sigma0.25",
+                          "hawq_b1.5_sigma0.25", "haq_b1.5_sigma0.25", "random_b1.5_sigma0.25", "arq_b1.5_sigma0.25"}
+    assert smoke["fp32_sigma0.25"]["bitops_pct"] == 100.0 and 0 <= smoke["arq_b1.5_sigma0.25"]["ACR"] <= 1
+    assert "results/cpu/report/metrics.json" in metrics[""]["data"]  # the committed comparison is listed too
+    _sh(clone, sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots")
+    html = (clone / "dvc_plots" / "index.html").read_text()
+    assert "certified accuracy (smoke)" in html
+    for model in smoke:
+        assert f'"model": "{model}"' in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def _require_chromium():
+    if CHROMIUM:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("chromium not found: .ci/run installs Debian's chromium package for the HTML report test")
+    pytest.skip("chromium not installed (apt-get install chromium)")
+
+
+@pytest.mark.e2e
+def test_reviewer_html_report_renders_every_table_and_figure_with_captions(reviewer, tmp_path):
+    """One page a reviewer opens: Snakemake's self-contained report, rendered in headless Chromium."""
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    origin, clone, *_ = reviewer
+    r = _clone_snakemake(clone, "--report", "report.html")
+    assert r.returncode == 0 and "Report created" in r.stdout + r.stderr, _tail(r)
+    html = (clone / "report.html").read_text()
+    for caption in ("one curve per model", "Weight and activation bits of each quantizable layer",
+                    "Average certified radius (ACR", "Learning curves of the mixed-precision searches",
+                    "Paired tests of every model against ARQ", "clean and certified accuracy per radius",
+                    "Learning curve of the arq search at 1.5 % of FP32 BitOps"):
+        assert caption in html, caption
+    assert "{{" not in html.split("<script", 1)[0]  # every caption template was filled in
+    errors, failed = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.on("requestfailed", lambda req: failed.append(req.url))  # self-contained: nothing to fetch
+        page.goto((clone / "report.html").as_uri())
+        page.get_by_text("Comparison (smoke)").click()
+        page.get_by_role("link", name="Figures").click()
+        page.wait_for_timeout(500)
+        figures = page.inner_text("body")
+        page.locator("tr", has_text="certified_accuracy.png").locator("a[iconname=eye]").click()
+        page.wait_for_timeout(1000)
+        shown = page.locator("img:visible").count()
+        page.screenshot(path=tmp_path / "report.png")
+        page.get_by_role("link", name="Comparison (smoke)").click()
+        page.get_by_role("link", name="Tables").click()
+        page.wait_for_timeout(500)
+        tables = page.inner_text("body")
+        browser.close()
+    assert errors == [] and failed == [] and shown >= 1
+    for stem in ("certified_accuracy", "bits_per_layer", "acr_vs_bitops", "search_curves"):
+        assert f"figures/smoke/{stem}.png" in figures
+    for name in ("table.md", "table.csv", "table.tex", "tests.csv", "curves.csv"):
+        assert f"results/smoke/report/{name}" in tables
+    assert (tmp_path / "report.png").stat().st_size > 20_000
 
 
 @pytest.mark.e2e

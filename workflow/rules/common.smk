@@ -113,10 +113,11 @@ def check_artifacts():
     would silently replace the published artifact with a new one, at the cost of the stages that made it."""
     gone = artifacts.missing(config)
     if gone:
+        profiles = " ".join(os.path.relpath(f) for f in workflow.overwrite_configfiles or ["config/config.yaml"])
         raise WorkflowError(
             f"{len(gone)} file(s) tracked by DVC are missing, e.g. {', '.join(map(str, gone[:3]))}: run "
-            f"`arq artifacts pull {' '.join(workflow.overwrite_configfiles or ['config/config.yaml'])}` (or "
-            f"`dvc pull`). To recompute one instead, remove its record first (`dvc remove <file>.dvc`).")
+            f"`arq artifacts pull {profiles}` (or `dvc pull`). To recompute one instead, remove its record first "
+            f"(`dvc remove <file>.dvc`).")
 
 
 check_artifacts()
