@@ -139,3 +139,18 @@ def _announce_cost():
 
 onstart:
     _announce_cost()
+
+
+# Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
+CAPTIONS = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
+            "search": "search_curves", "table_md": "table", "table_csv": "table", "table_tex": "table",
+            "tests_csv": "tests", "curves": "certified_accuracy"}
+
+
+def reported(key, path):
+    """A report rule output as an item of the HTML report: PNG figures and tables (PDFs, metrics.json stay plain)."""
+    if key not in CAPTIONS or path.endswith(".pdf"):
+        return path
+    kind = "Figures" if path.endswith(".png") else "Tables"
+    return report(path, caption=f"../report/{CAPTIONS[key]}.rst", category=f"Comparison ({PROFILE})",
+                  subcategory=kind)

@@ -1,19 +1,6 @@
 from arq.report import outputs as report_outputs
 
 REPORT_OUT = report_outputs(f"{RESULTS}/report", FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"])
-# Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
-CAPTIONS = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
-            "search": "search_curves", "table_md": "table", "table_csv": "table", "table_tex": "table",
-            "tests_csv": "tests", "curves": "certified_accuracy"}
-
-
-def reported(key, path):
-    """A report output as an item of the HTML report (PNG figures and tables; PDFs and metrics.json stay plain)."""
-    if key not in CAPTIONS or path.endswith(".pdf"):
-        return path
-    kind = "Figures" if path.endswith(".png") else "Tables"
-    return report(path, caption=f"../report/{CAPTIONS[key]}.rst", category=f"Comparison ({PROFILE})",
-                  subcategory=kind)
 
 
 rule report:
