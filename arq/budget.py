@@ -63,7 +63,7 @@ def _human(seconds: float) -> str:
 
 def describe(config: dict, device_type: str, threads: int) -> str:
     here = estimate_seconds(config, device_type, threads)
-    where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} threads)"
+    where = "one GPU" if device_type == "cuda" else f"this CPU ({threads} thread{'' if threads == 1 else 's'})"
     text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} "
             f"(training {_human(here['train'])}, searches {_human(here['search'])}, HAWQ Hessian at most "
             f"{_human(here['hawq'])}, QAT finetune "

@@ -76,6 +76,10 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
         for method in ("fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "arq_b1.5", "haq_b1.5", "random_b1.5"):
             assert f"results/paper/certify/{method}_sigma{sigma}.tsv" in out
     assert "results/paper/policies/uniform_w4a4.json" in out
+    # the dry run states the profile's cost before anything runs, the searches and IRS included
+    estimate = re.search(r"\[arq\] profile 'paper' on this CPU \(1 threads?\): about .*", out)
+    assert estimate and all(stage in estimate.group(0) for stage in ("training", "searches", "HAWQ", "IRS"))
+    assert out.count("[arq] profile") == 1
 
 
 def test_lint_finds_nothing_but_the_per_rule_software_environment(tmp_path):

@@ -128,7 +128,12 @@ def stage_resources(stage):
     return {"mem_mb": r["mem_mb"], "gpu": r["gpu"], "runtime": r["runtime"]}
 
 
-def _announce_cost():
+def announce_cost():
+    """The profile's cost on this machine, printed once as the workflow is read, so that a dry run (`snakemake -n`,
+    where Snakemake runs no onstart handler) shows it before anything is committed to; jobs that re-read the
+    workflow on a cluster node stay quiet."""
+    if not workflow.is_main_process:
+        return
     import torch
 
     device = "cuda" if config["device"] != "cpu" and torch.cuda.is_available() else "cpu"
@@ -137,8 +142,7 @@ def _announce_cost():
     print(f"[arq] {budget.describe(config, device, workflow.cores or 1)}", file=sys.stderr)
 
 
-onstart:
-    _announce_cost()
+announce_cost()
 
 
 # Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
