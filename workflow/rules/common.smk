@@ -152,7 +152,8 @@ CAPTIONS = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto
 
 
 def reported(key, path):
-    """A report rule output as an item of the HTML report: PNG figures and tables (PDFs, metrics.json stay plain)."""
+    """An output of the report stage as an item of the HTML report: PNG figures and tables (PDFs, metrics.json
+    stay plain)."""
     if key not in CAPTIONS or path.endswith(".pdf"):
         return path
     kind = "Figures" if path.endswith(".png") else "Tables"
