@@ -138,8 +138,9 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
     root = Path(root)
     files = add(config, configfiles, root, log)
     _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
-    log(f"pushed {len(files)} file(s); commit their records: git add -f " +
-        " ".join(f"{f}.dvc" for f in files))
+    text = [layout.results_dir(config), layout.figures_dir(config), f"{layout.prepared_dir(config)}/manifest.json"]
+    log(f"pushed {len(files)} file(s). Commit their records with the text results (a git-ignored profile needs its "
+        f"lines dropped from .gitignore first): git add {' '.join(f'{f}.dvc' for f in files)} {' '.join(text)}")
     return files
 
 
