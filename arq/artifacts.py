@@ -57,7 +57,11 @@ def tracked(config: dict, root: str | Path = ".") -> list[Path]:
     root = Path(root)
     found = []
     for base in (layout.prepared_dir(config), layout.results_dir(config)):
-        found += [p.relative_to(root).with_suffix("") for p in sorted((root / base).rglob("*.dvc"))]
+        for p in sorted((root / base).rglob("*.dvc")):
+            try:
+                found.append(layout.inside(p, root).with_suffix(""))
+            except ValueError as exc:
+                raise ArtifactError(str(exc)) from None
     return found
 
 
@@ -90,6 +94,9 @@ def verify(config: dict, root: str | Path = ".") -> list[Path]:
     if problems:
         raise ArtifactError(f"{len(problems)} DVC-tracked file(s) of profile {config['profile']!r} do not match "
                             f"their records:\n  " + "\n  ".join(problems))
+    if not files:
+        raise ArtifactError(f"profile {config['profile']!r} has no DVC records (*.dvc) under "
+                            f"{layout.prepared_dir(config)} or {layout.results_dir(config)}: nothing to verify")
     return files
 
 
@@ -117,14 +124,31 @@ def _require_done(configfiles: list[str], root: Path, when: str) -> None:
                             f"date:\n{jobs}")
 
 
+def _refuse_ignored_records(files: list[Path], root: Path) -> None:
+    """DVC refuses to write a record git would ignore (`dvc add` stops half-way). Say which .gitignore lines to
+    drop before anything is touched: the smoke and short CPU profiles are ignored so that CI runs leave no trace."""
+    p = subprocess.run(["git", "check-ignore", "--verbose", *[f"{f}.dvc" for f in files]], cwd=root,
+                       capture_output=True, text=True)
+    # "<source>:<line>:<pattern>\t<path>"; a negated pattern ("!…") is the rule that keeps a path in git
+    matches = [line.split("\t", 1)[0] for line in p.stdout.splitlines() if line.strip()]
+    rules = sorted({m for m in matches if not m.split(":", 2)[-1].startswith("!")})
+    if rules:
+        raise ArtifactError("git ignores the DVC records this profile needs (file:line:pattern): " + ", ".join(rules)
+                            + ". Drop those lines from .gitignore to publish the profile, then run this again.")
+
+
 def add(config: dict, configfiles: list[str], root: str | Path = ".", log=print) -> list[Path]:
     """Track every binary output of a finished profile with DVC (``dvc add``), then restamp the outputs so that
     Snakemake does not take the rewritten files for new inputs. Refuses a workflow with jobs still to run."""
     root = Path(root)
-    _require_done(configfiles, root, "Before tracking (nothing was added)")
-    files = layout.binary_outputs(config, root)
+    try:
+        files = layout.binary_outputs(config, root)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
     if not files:
         raise ArtifactError(f"profile {config['profile']!r} has no binary outputs under {root}: run its workflow")
+    _refuse_ignored_records(files, root)
+    _require_done(configfiles, root, "Before tracking (nothing was added)")
     log(f"dvc add: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("add", *map(str, files)), root, "dvc add")
     restamp(configfiles, root)

@@ -64,13 +64,28 @@ def report_inputs(config: dict) -> dict[str, list[str]]:
     }
 
 
+def binaries(config: dict) -> list[str]:
+    """The binary files a profile's DAG writes: the prepared data, every model, the FP32 IRS caches, and the search
+    states (resume files a search keeps when it ends, useful for extending it). Leftovers on disk that the DAG does
+    not make (models of a σ no longer listed, interrupted-run files) are not among them."""
+    res, sig = results_dir(config), sigmas(config)
+    return ([f"{prepared_dir(config)}/cifar10.pt"]
+            + [f"{res}/models/{m}_sigma{s}/model.pt" for s in sig for m in methods(config)]
+            + [f"{res}/irs/cache_sigma{s}.pt" for s in sig]
+            + [f"{res}/search/{m}_sigma{s}.state.pt" for s in sig for m in searched(config)])
+
+
+def inside(path: str | Path, root: str | Path) -> Path:
+    """``path`` relative to ``root``; a ValueError naming both when it lies outside (DVC tracks only files inside
+    its repository)."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        raise ValueError(f"{path} lies outside the repository {Path(root).resolve()}: DVC can track only files "
+                         f"inside it (set paths.* of the profile to directories in the repository)") from None
+
+
 def binary_outputs(config: dict, root: str | Path = ".") -> list[Path]:
-    """The binary files of a profile present under ``root``: prepared data, checkpoints, IRS caches, search
-    states. Interrupted-run leftovers (``*.partial``, resume files) are not results and are left out."""
+    """Those of ``binaries`` present under ``root``, relative to it."""
     root = Path(root)
-    found = []
-    for base in (prepared_dir(config), results_dir(config)):
-        for path in sorted((root / base).rglob("*.pt")):
-            if not any(part in path.name for part in (".partial", ".resume.")):
-                found.append(path.relative_to(root))
-    return found
+    return [inside(root / p, root) for p in binaries(config) if (root / p).exists()]

@@ -48,16 +48,44 @@ def profile(tmp_path, smoke_config):
     return root, cfg
 
 
-def test_binary_outputs_are_the_profile_s_pt_files_without_interrupted_run_leftovers(tmp_path, smoke_config):
+def test_binary_outputs_are_what_the_dag_writes_not_leftovers(tmp_path, smoke_config):
     for rel in ("data/prepared/smoke/cifar10.pt", "results/smoke/models/fp32_sigma0.25/model.pt",
                 "results/smoke/models/fp32_sigma0.25/model.resume.pt", "results/smoke/irs/cache_sigma0.25.pt",
                 "results/smoke/irs/cache_sigma0.25.pt.partial", "results/smoke/search/arq_b1.5_sigma0.25.state.pt",
+                "results/smoke/models/fp32_sigma0.5/model.pt",  # a σ the profile no longer lists
                 "results/smoke/certify/fp32_sigma0.25.json", "results/cpu/models/fp32_sigma0.25/model.pt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert [str(p) for p in layout.binary_outputs(smoke_config, tmp_path)] == [
-        "data/prepared/smoke/cifar10.pt", "results/smoke/irs/cache_sigma0.25.pt",
-        "results/smoke/models/fp32_sigma0.25/model.pt", "results/smoke/search/arq_b1.5_sigma0.25.state.pt"]
+        "data/prepared/smoke/cifar10.pt", "results/smoke/models/fp32_sigma0.25/model.pt",
+        "results/smoke/irs/cache_sigma0.25.pt", "results/smoke/search/arq_b1.5_sigma0.25.state.pt"]
+
+
+def test_paths_outside_the_repository_are_a_clear_error(tmp_path, smoke_config):
+    cfg = copy.deepcopy(smoke_config)
+    cfg["paths"]["results"] = str(tmp_path / "elsewhere")
+    model = tmp_path / "elsewhere" / "smoke" / "models" / "fp32_sigma0.25" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"x")
+    Path(f"{model}.dvc").write_text("outs: []\n")
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(artifacts.ArtifactError, match="lies outside the repository .*repo: DVC can track only"):
+        artifacts.tracked(cfg, tmp_path / "repo")
+    with pytest.raises(artifacts.ArtifactError, match="lies outside the repository"):
+        artifacts.add(cfg, ["unused.yaml"], tmp_path / "repo", log=lambda s: None)
+
+
+def test_records_git_would_ignore_are_refused_before_anything_is_added(profile):
+    """DVC stops half-way on an ignored record; the smoke profile is git-ignored so that CI runs leave no trace."""
+    root, cfg = profile
+    (root / ".gitignore").write_text("*.pt\nresults/smoke/\n")
+    with pytest.raises(artifacts.ArtifactError, match=r"\.gitignore:2:results/smoke/.*Drop those lines"):
+        artifacts.add(cfg, ["unused.yaml"], root, log=lambda s: None)
+
+
+def test_verify_with_nothing_tracked_is_an_error(tmp_path, smoke_config):
+    with pytest.raises(artifacts.ArtifactError, match="no DVC records .*nothing to verify"):
+        artifacts.verify(smoke_config, tmp_path)
 
 
 def test_tracked_files_verify_against_their_records(profile):
@@ -125,7 +153,8 @@ def test_a_corrupted_remote_object_stops_the_pull_naming_the_file(profile, tmp_p
 
 
 def test_identical_content_gives_identical_objects(tmp_path, smoke_config):
-    """Checkpoints are byte-reproducible (arq.io), so a rerun adds no new object to the cache or the remote."""
+    """Two repositories adding the same bytes get the same record, so a rerun whose checkpoints come out identical
+    (that they do is tested in test_io.py) adds no new object to the cache or the remote."""
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         _git_dvc_repo(root)

@@ -386,6 +386,29 @@ def test_reviewer_clone_refuses_to_recompute_a_missing_tracked_file(reviewer):
 
 
 @pytest.mark.e2e
+def test_reviewer_without_the_dataset_is_told_to_pull_not_that_the_source_is_missing(reviewer):
+    """A reviewer who has not pulled yet, on a machine without the CIFAR-10 archive: the prepared data is a pull
+    away, so that is what Snakemake says."""
+    origin, clone, *_ = reviewer
+    profile = yaml.safe_load((clone / "config" / "smoke-ci.yaml").read_text())
+    profile["data"]["path"] = str(clone / "absent" / "cifar10-jpeg.tar.gz")
+    (clone / "config" / "no-archive.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    data = clone / "data" / "prepared" / "smoke" / "cifar10.pt"
+    kept = data.read_bytes()
+    data.unlink()
+    try:
+        r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--configfile",
+                            "config/no-archive.yaml"], cwd=clone, capture_output=True, text=True, timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "file(s) tracked by DVC are missing, e.g. data/prepared/smoke/cifar10.pt" in out
+        assert "arq artifacts pull config/no-archive.yaml" in out and "prepare_data:" not in out
+    finally:
+        data.write_bytes(kept)
+        (clone / "config" / "no-archive.yaml").unlink()
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+
+
+@pytest.mark.e2e
 def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
     origin, clone, *_ = reviewer
     shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=clone,

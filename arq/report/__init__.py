@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+from arq.config import sigma_tag
 from arq.io import atomic_path, write_text
 from arq.report import figures, tables
 from arq.report.results import Result, load
@@ -45,7 +46,7 @@ def metrics(main) -> dict:
     """The headline numbers per model and σ (``dvc metrics show``): cost, clean and certified accuracy, ACR."""
     keep = ["bitops_pct", "w_bits", "a_bits", "clean"] + [c for c in main.columns if c.startswith("r=") and
                                                           not c.endswith(("_lo", "_hi"))] + ["ACR", "abstain"]
-    return {f"{row['method']}_sigma{row['sigma']:g}": {k: round(float(row[k]), 6) for k in keep}
+    return {f"{row['method']}_sigma{sigma_tag(row['sigma'])}": {k: round(float(row[k]), 6) for k in keep}
             for _, row in main.iterrows()}
 
 
@@ -58,7 +59,7 @@ def curve_table(results: list[Result]):
     rows = []
     for r in results:
         grid = np.arange(0.0, r.summary["max_certifiable_radius"] + CURVE_STEP / 2, CURVE_STEP)
-        rows += [{"sigma": r.sigma, "model": f"{r.method}_sigma{r.sigma:g}", "radius": round(float(x), 6),
+        rows += [{"sigma": r.sigma, "model": f"{r.method}_sigma{sigma_tag(r.sigma)}", "radius": round(float(x), 6),
                   "certified_accuracy": float(r.certified(x).mean())} for x in grid]
     return pd.DataFrame(rows, columns=["sigma", "model", "radius", "certified_accuracy"])
 

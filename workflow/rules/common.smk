@@ -105,13 +105,13 @@ def check_source():
         raise WorkflowError(f"prepare_data: {exc}")
 
 
-check_source()
-
-
 def check_artifacts():
     """A file DVC tracks (it has a committed .dvc record) but that is absent is an error, not a job: recomputing it
     would silently replace the published artifact with a new one, at the cost of the stages that made it."""
-    gone = artifacts.missing(config)
+    try:
+        gone = artifacts.missing(config)
+    except artifacts.ArtifactError as exc:
+        raise WorkflowError(str(exc))
     if gone:
         profiles = " ".join(os.path.relpath(f) for f in workflow.overwrite_configfiles or ["config/config.yaml"])
         raise WorkflowError(
@@ -120,7 +120,9 @@ def check_artifacts():
             f"(`dvc remove <file>.dvc`).")
 
 
+# artifacts first: in a clone that has not pulled yet, the missing prepared data is a pull away, not a source problem
 check_artifacts()
+check_source()
 
 
 def stage_resources(stage):
@@ -137,12 +139,22 @@ def announce_cost():
     import torch
 
     device = "cuda" if config["device"] != "cpu" and torch.cuda.is_available() else "cpu"
-    if config["device"] == "cuda" and device == "cpu":
-        raise WorkflowError("config device is 'cuda' but no CUDA device is available")
     print(f"[arq] {budget.describe(config, device, workflow.cores or 1)}", file=sys.stderr)
 
 
+def check_device():
+    """Before any job runs (not while a dry run, a report or a restamp reads the workflow)."""
+    import torch
+
+    if config["device"] == "cuda" and not torch.cuda.is_available():
+        raise WorkflowError("config device is 'cuda' but no CUDA device is available")
+
+
 announce_cost()
+
+
+onstart:
+    check_device()
 
 
 # Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
