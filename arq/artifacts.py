@@ -12,7 +12,6 @@ missing or corrupt artifact.
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from arq import layout
+from arq.io import file_digest
+
 
 class ArtifactError(RuntimeError):
     pass
@@ -70,33 +71,33 @@ def missing(config: dict, root: str | Path = ".") -> list[Path]:
     return [p for p in tracked(config, root) if not (root / p).exists()]
 
 
-def md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _records(config: dict, root: Path, what: str) -> list[Path]:
+    """``tracked``, where a profile without any record is an error (there is nothing to ``what``)."""
+    files = tracked(config, root)
+    if not files:
+        raise ArtifactError(f"profile {config['profile']!r} has no DVC records (*.dvc) under "
+                            f"{layout.prepared_dir(config)} or {layout.results_dir(config)}: nothing to {what}")
+    return files
 
 
 def verify(config: dict, root: str | Path = ".") -> list[Path]:
     """Check every tracked file against its ``.dvc`` record (size, then md5). ``dvc checkout`` restores a corrupt
     cache object without a word, so this is what catches one. Returns the files checked."""
     root = Path(root)
-    files, problems = tracked(config, root), []
+    files, problems = _records(config, root, "verify"), []
     for rel in files:
         rec, path = record(root / f"{rel}.dvc"), root / rel
         if not path.exists():
             problems.append(f"{rel}: missing (tracked by {rel}.dvc)")
-        elif path.stat().st_size != rec["size"] or md5(path) != rec["md5"]:
-            problems.append(f"{rel}: content differs from {rel}.dvc (md5 {md5(path)}, recorded {rec['md5']}); "
+            continue
+        digest = file_digest(path, "md5") if path.stat().st_size == rec["size"] else "(size differs)"
+        if digest != rec["md5"]:
+            problems.append(f"{rel}: content differs from {rel}.dvc (md5 {digest}, recorded {rec['md5']}); "
                             f"if it came from `dvc pull`, the cache object .dvc/cache/files/md5/{rec['md5'][:2]}/"
                             f"{rec['md5'][2:]} is corrupt: delete it and pull again")
     if problems:
         raise ArtifactError(f"{len(problems)} DVC-tracked file(s) of profile {config['profile']!r} do not match "
                             f"their records:\n  " + "\n  ".join(problems))
-    if not files:
-        raise ArtifactError(f"profile {config['profile']!r} has no DVC records (*.dvc) under "
-                            f"{layout.prepared_dir(config)} or {layout.results_dir(config)}: nothing to verify")
     return files
 
 
@@ -173,10 +174,7 @@ def pull(config: dict, configfiles: list[str], remote: str | None = None, root: 
     """Download the profile's tracked files, verify each against its record, stamp the outputs in DAG order and
     require the workflow to be complete: ``snakemake -n`` then has nothing to do."""
     root = Path(root)
-    files = tracked(config, root)
-    if not files:
-        raise ArtifactError(f"profile {config['profile']!r} has no DVC records (*.dvc) under "
-                            f"{layout.prepared_dir(config)} or {layout.results_dir(config)}: nothing to pull")
+    files = _records(config, root, "pull")
     log(f"dvc pull: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("pull", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc pull")
     verify(config, root)

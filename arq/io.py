@@ -76,12 +76,14 @@ def set_aside(paths: Iterable[str | os.PathLike], why: str, log: Callable[[str],
     log(f"setting {paths[0]} aside ({', '.join(moved) or 'nothing left to move'}): {why}; starting this stage afresh")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks (md5 is what DVC records; sha256 everything else)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

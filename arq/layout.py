@@ -20,6 +20,10 @@ def prepared_dir(config: dict) -> str:
     return f"{config['paths']['data']}/prepared/{config['profile']}"
 
 
+def report_dir(config: dict) -> str:
+    return f"{results_dir(config)}/report"
+
+
 def figures_dir(config: dict) -> str:
     return f"{config['paths']['figures']}/{config['profile']}"
 

@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+from arq import layout
 from arq.config import sigma_tag
 from arq.io import atomic_path, write_text
 from arq.report import figures, tables
@@ -135,14 +136,12 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
 def regenerate(config: dict, report_dir: str | Path | None = None, figures_dir: str | Path | None = None) -> dict:
     """Rebuild a profile's tables and figures from its text results alone (no checkpoint, no Snakemake), into its
     own report and figures directories unless others are given. Returns the files written."""
-    from arq import layout
-
     inputs = layout.report_inputs(config)
     missing = [p for paths in inputs.values() for p in paths if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"profile {config['profile']!r} lacks {len(missing)} text result(s) the report reads, "
                                 f"e.g. {', '.join(missing[:3])}: run its workflow first")
-    out = outputs(report_dir or f"{layout.results_dir(config)}/report", figures_dir or layout.figures_dir(config),
+    out = outputs(report_dir or layout.report_dir(config), figures_dir or layout.figures_dir(config),
                   bool(inputs["search_csvs"]), bool(inputs["policies"]))
     run(config, inputs["summaries"], inputs["tsvs"], inputs["policies"], inputs["search_csvs"], out,
         inputs["irs_caches"])
@@ -155,15 +154,15 @@ def check(config: dict, scratch: str | Path) -> list[str]:
     too, so a broken figure fails, but not compared: their bytes depend on the matplotlib build."""
     import difflib
 
-    from arq import layout
-
     out = regenerate(config, Path(scratch) / "report", Path(scratch) / "figures")
     diffs = []
     for key, name in TABLES.items():
-        committed = Path(layout.results_dir(config)) / "report" / name
-        new = Path(out[key]).read_text()
-        old = committed.read_text() if committed.exists() else ""
+        committed = Path(layout.report_dir(config)) / name
+        if not committed.exists():
+            diffs.append(f"{committed}: missing\n")
+            continue
+        old, new = committed.read_text(), Path(out[key]).read_text()
         if new != old:
             diffs.append("".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(committed),
-                                                      f"regenerated {name}")) or f"{committed}: missing\n")
+                                                      f"regenerated {name}")))
     return diffs

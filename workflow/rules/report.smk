@@ -1,6 +1,6 @@
 from arq.report import outputs as report_outputs
 
-REPORT_OUT = report_outputs(f"{RESULTS}/report", FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"])
+REPORT_OUT = report_outputs(layout.report_dir(config), FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"])
 
 
 rule report:
