@@ -304,6 +304,37 @@ def split_indices(n_train: int, val_size: int, seed: int) -> tuple[torch.Tensor,
     return perm[val_size:].clone(), perm[:val_size].sort().values
 
 
+def balanced_positions(labels: torch.Tensor, k: int | None, skip: int = 0) -> torch.Tensor:
+    """Positions (sorted) of ``k`` images of ``labels`` with every class equally represented: each class gives its
+    images in index order, after skipping its first ``skip``; when k is not a multiple of the class count the
+    lowest class ids give one more. ``skip`` takes a second subset disjoint from the first ``skip`` per class
+    (e.g. the fidelity study's outcome images beside the reward's). ``k=None`` gives every position.
+
+    The val split is kept sorted, and for the class-folder source the canonical order is class order, so the
+    first k val images would be one or two classes; within a class the order is the seeded split's, i.e. random."""
+    if k is None:
+        return torch.arange(len(labels))
+    classes = torch.unique(labels).tolist()
+    per, extra = divmod(k, len(classes))
+    picked = []
+    for rank, c in enumerate(classes):
+        want = per + (rank < extra)
+        members = torch.nonzero(labels == c).flatten()[skip:]
+        if len(members) < want:
+            raise ValueError(f"a class-balanced subset of {k} images needs {want} of class {c} after skipping "
+                             f"{skip}, but the split has only {len(members)}")
+        picked.append(members[:want])
+    return torch.cat(picked).sort().values
+
+
+def balanced(split: Split, k: int | None, skip: int = 0) -> Split:
+    """The class-balanced subset of ``balanced_positions`` as a Split."""
+    if k is None:
+        return split
+    pos = balanced_positions(split.y, k, skip)
+    return Split(split.x[pos], split.y[pos])
+
+
 def cert_indices(n_test: int, skip: int) -> torch.Tensor:
     """Cohen's protocol: every ``skip``-th test image of the canonical order."""
     return torch.arange(0, n_test, skip)

@@ -17,7 +17,7 @@ from torch import nn
 
 from arq import models, quant, rng
 from arq.config import config_hash
-from arq.data import Prepared, Split
+from arq.data import Prepared, Split, balanced
 from arq.io import provenance, set_aside, torch_save, write_json, write_text
 
 
@@ -161,7 +161,7 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
     fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"])
     train_split = _to_device(first_images(data.train, tc["train_images"]), device)
-    val_split = _to_device(first_images(data.val, tc["val_images"]), device)
+    val_split = _to_device(balanced(data.val, tc["val_images"]), device)
 
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
@@ -268,7 +268,7 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
     model.to(device)
     base_sha = sha256_file(base_model)
     train_split = _to_device(first_images(data.train, fc["train_images"]), device)
-    val_split = _to_device(first_images(data.val, fc["val_images"]), device)
+    val_split = _to_device(balanced(data.val, fc["val_images"]), device)
     log(f"finetuning {method} ({policy_doc['bitops_pct']:.3f}% of FP32 BitOps) at σ={sigma} on {len(train_split)} "
         f"images for {fc['epochs']} epochs on {device}")
     ranges = quantize_for_finetune(model, policy_doc["layers"], config["quant"], train_split, sigma,
