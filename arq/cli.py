@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise level σ of the QAT (the base checkpoint must match)")
     p.add_argument("--base", required=True, help="FP32 checkpoint trained at the same σ")
     p.add_argument("--policy", required=True, help="policy JSON")
-    p.add_argument("--method", required=True, help="name recorded in the checkpoint and the report, e.g. uniform_w4a4")
+    p.add_argument("--method", required=True,
+                   help="model name recorded in the checkpoint and the report, with its seed, e.g. uniform_w4a4_s0: "
+                        "the finetune draws from finetune.seed + that seed")
     p.add_argument("--out", required=True, help="quantized checkpoint")
     p.add_argument("--metrics", required=True, help="summary JSON")
     p.add_argument("--log-csv", required=True, help="per-epoch CSV")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "random: random actions + certified reward")
     p.add_argument("--sigma", type=float, required=True, help="noise level σ (the FP32 checkpoint must match)")
     p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
+    p.add_argument("--seed", type=int, required=True,
+                   help="one of search.seeds: the agent's and the episodes' random streams")
     p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
     p.add_argument("--cache", default=None, help="IRS cache of that model (its val images are the search's)")
     p.add_argument("--out-policy", required=True, help="best policy JSON")
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from arq.irs import CacheError
     from arq.models import CheckpointError
     from arq.policy import PolicyError
-    from arq.search.constraint import BudgetError
+    from arq.policy import BudgetError
 
     try:
         if args.command == "cost":
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "search":
             from arq.search.run import run_search
 
-            doc = run_search(config, args.sigma, args.method, args.budget, args.model, data, args.cache, args.out_csv,
+            doc = run_search(config, args.sigma, args.method, args.budget, args.seed, args.model, data, args.cache,
+                             args.out_csv,
                              args.out_policy, args.out_png, args.state or f"{args.out_csv}.state.pt", device,
                              log=lambda t: print(t, flush=True))
             print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "

@@ -273,9 +273,11 @@ IRS_TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "zeta", "bran
 
 
 def _val_subset(data, images: int | None):
-    from arq.smoothing import subset_positions, to_unit
+    """The cache's val images: class-balanced (the val split is kept in class order)."""
+    from arq.data import balanced_positions
+    from arq.smoothing import to_unit
 
-    pos = subset_positions(len(data.val), images)
+    pos = balanced_positions(data.val.y, images)
     return pos, to_unit(data.val.x[pos]), data.val.y[pos]
 
 

@@ -1,15 +1,53 @@
 """Where a profile's files live. One definition, read by the Snakemake rules, the report regeneration and the DVC
 artifact commands, so that what the workflow writes, what the report reads and what DVC tracks cannot drift apart.
 
-Model names: ``fp32`` for the base model, ``<family>_<variant>`` for quantized ones (``uniform_w4a4``,
-``hawq_b1.5``, ``arq_b1.5``). Binary files (``*.pt``: prepared data, checkpoints, IRS caches, search states) are
+Model names: ``fp32`` for the base model; ``<family>_<variant>_s<seed>`` for quantized ones (``uniform_w4a4_s0``,
+``hawq_b1.0_s1``, ``arq_b1.0_s2``), one per seed of ``search.seeds``: a search's seed drives its agent and episode
+noise, and every quantized model's final finetune draws from ``finetune.seed + seed``, so uniform and HAWQ models
+get the same seed spread as the searched ones. Without the seed, ``<family>_<variant>`` names the method (a row of
+the report). ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data, checkpoints, IRS caches, search states) are
 DVC's; text results (JSON, TSV, CSV, policies, tables) are git's.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from arq.config import sigma_tag
+
+NAME = re.compile(r"(?P<family>[a-z0-9]+)(?:_(?P<variant>[a-z0-9.]+))?(?:_s(?P<seed>[0-9]+))?")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A parsed model name: ``arq_b1.0_s2`` → family 'arq', variant 'b1.0', budget 1.0, seed 2."""
+
+    family: str
+    variant: str | None
+    seed: int | None
+
+    @property
+    def method(self) -> str:
+        """The name without its seed: the report's row (``arq_b1.0``, ``uniform_w3a3``, ``fp32``)."""
+        return self.family if self.variant is None else f"{self.family}_{self.variant}"
+
+    @property
+    def budget(self) -> float | None:
+        m = re.fullmatch(r"b([0-9]+\.[0-9]+)", self.variant or "")
+        return float(m.group(1)) if m else None
+
+
+def model_name(method: str, seed: int | None) -> str:
+    """``arq_b1.0`` and 2 → ``arq_b1.0_s2``; the FP32 base has no seed."""
+    return method if seed is None else f"{method}_s{int(seed)}"
+
+
+def parse(name: str) -> Name:
+    m = NAME.fullmatch(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a model name (fp32, or <family>_<variant>_s<seed>, e.g. arq_b1.0_s0)")
+    return Name(m["family"], m["variant"], None if m["seed"] is None else int(m["seed"]))
 
 
 def results_dir(config: dict) -> str:
@@ -36,23 +74,50 @@ def budgets(config: dict) -> list[str]:
     return [repr(float(b)) for b in config["search"]["budgets"]]
 
 
+def seeds(config: dict) -> list[int]:
+    return [int(s) for s in config["search"]["seeds"]]
+
+
+def uniform_tags(config: dict) -> list[str]:
+    """The uniform baselines: ``quant.uniform`` plus, for each budget, the uniform policies with the most BitOps
+    that fit it (ties kept: W3A2 and W2A3 at 0.7%), so every budget has the uniform model it would allow."""
+    from arq import policy
+
+    tags = [t.upper() for t in config["quant"]["uniform"]]
+    if config["search"]["budgets"]:
+        costs, rules = policy.for_config(config)
+        for b in config["search"]["budgets"]:
+            tags += policy.uniform_within(costs, rules, float(b))
+    return list(dict.fromkeys(tags))
+
+
 def searched(config: dict) -> list[str]:
-    """Searched models, e.g. ``arq_b1.5``: every search method at every budget."""
-    return [f"{m}_b{b}" for m in config["search"]["methods"] for b in budgets(config)]
+    """Searched models, e.g. ``arq_b1.0_s0``: every search method at every budget and seed."""
+    return [model_name(f"{m}_b{b}", s) for m in config["search"]["methods"] for b in budgets(config)
+            for s in seeds(config)]
 
 
 def methods(config: dict) -> list[str]:
-    """Every model the comparison certifies, in workflow order: FP32, uniform, HAWQ, searched."""
+    """Every model the comparison certifies, in workflow order: FP32, uniform, HAWQ, searched; quantized ones once
+    per seed."""
     hawq = [f"hawq_b{b}" for b in budgets(config)] if config["hawq"]["enabled"] else []
-    uniform = [f"uniform_{tag.lower()}" for tag in config["quant"]["uniform"]]
-    return ["fp32"] + uniform + hawq + searched(config)
+    uniform = [f"uniform_{tag.lower()}" for tag in uniform_tags(config)]
+    return (["fp32"] + [model_name(m, s) for m in uniform + hawq for s in seeds(config)] + searched(config))
 
 
-def policy_file(config: dict, method: str, sigma: str) -> str:
-    """Uniform policies do not depend on σ; searched and HAWQ ones are found per σ."""
-    if method.startswith("uniform_"):
-        return f"{results_dir(config)}/policies/{method}.json"
-    return f"{results_dir(config)}/policies/{method}_sigma{sigma}.json"
+def policy_name(model: str, sigma: str) -> str:
+    """The file name of a quantized model's policy. Uniform policies depend on neither σ nor the seed, HAWQ's on σ
+    only (the seed varies their finetune), a search's on σ and its seed."""
+    name = parse(model)
+    if name.family == "uniform":
+        return f"{name.method}.json"
+    if name.family == "hawq":
+        return f"{name.method}_sigma{sigma}.json"
+    return f"{model}_sigma{sigma}.json"
+
+
+def policy_file(config: dict, model: str, sigma: str) -> str:
+    return f"{results_dir(config)}/policies/{policy_name(model, sigma)}"
 
 
 def report_inputs(config: dict) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ range or a pinned layer at other bits each stop with an error naming the layer.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ FORMAT = "arq-policy/1"
 
 class PolicyError(ValueError):
     """A policy that does not fit the model or the configured bit range; the message names the layer."""
+
+
+class BudgetError(ValueError):
+    """A BitOps budget no policy within the bit range can meet; the message names the smallest one that can."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,46 @@ def uniform_layers(rules: Rules, w_bits: int, a_bits: int) -> dict[str, dict[str
     """Every layer at WxAy except the pinned ones, which keep their pinned bits."""
     return {name: {"w_bits": rules.pinned.get(name, w_bits), "a_bits": rules.pinned.get(name, a_bits)}
             for name in rules.layers}
+
+
+def cheapest_layers(rules: Rules) -> dict[str, dict[str, int]]:
+    """Every layer at the lowest bits allowed (pinned layers at their pinned bits)."""
+    return uniform_layers(rules, rules.min_bits, rules.min_bits)
+
+
+def smallest_budget_pct(costs: list[cost.LayerCost], cheapest_bitops: float) -> float:
+    """The lowest budget, in % of FP32 BitOps at four decimals, that a policy of ``cheapest_bitops`` meets.
+
+    Rounded *up* (and checked the way the budget is checked, in BitOps), so the printed value always passes:
+    rounded to nearest it could name a budget a hair below the cheapest policy and fail again."""
+    fp32 = cost.fp32_bitops(costs)
+    pct = math.ceil(1e4 * 100.0 * cheapest_bitops / fp32) / 1e4
+    while pct / 100.0 * fp32 < cheapest_bitops:  # float rounding of the division above
+        pct = round(pct + 1e-4, 4)
+    return pct
+
+
+def require_budget(costs: list[cost.LayerCost], cheapest_bitops: float, budget_pct: float, what: str) -> None:
+    """The one feasibility check every allocator shares (search, HAWQ): a BudgetError naming the smallest
+    achievable budget when even the cheapest policy ``what`` describes exceeds ``budget_pct`` % of FP32 BitOps."""
+    if cheapest_bitops > budget_pct / 100.0 * cost.fp32_bitops(costs):
+        raise BudgetError(f"a budget of {budget_pct:g}% of FP32 BitOps cannot be met with {what}: the smallest "
+                          f"achievable is {smallest_budget_pct(costs, cheapest_bitops):.4f}%")
+
+
+def uniform_within(costs: list[cost.LayerCost], rules: Rules, budget_pct: float) -> list[str]:
+    """The uniform WxAy tags with the most bits within ``budget_pct`` % of FP32 (pinned layers at their bits): the
+    largest smaller width min(x, y), then the most BitOps, ties kept (W3A3 at 1.0%; W3A2 and W2A3 at 0.7%; W4A3 and
+    W3A4 at 1.5%, not W7A2); none when even the cheapest exceeds the budget."""
+    limit = budget_pct / 100.0 * cost.fp32_bitops(costs)
+    fits = {(w, a): cost.bitops(costs, uniform_layers(rules, w, a))
+            for w in range(rules.min_bits, rules.max_bits + 1) for a in range(rules.min_bits, rules.max_bits + 1)}
+    fits = {k: v for k, v in fits.items() if v <= limit}
+    if not fits:
+        return []
+    best = max((min(k), v) for k, v in fits.items())
+    return [f"W{w}A{a}" for (w, a), v in sorted(fits.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))
+            if (min(w, a), v) == best]
 
 
 def parse_uniform(tag: str) -> tuple[int, int]:

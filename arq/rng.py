@@ -13,7 +13,8 @@ import torch
 
 # Every purpose a stage draws noise for; derive_seed refuses others so a typo cannot alias a stream.
 PURPOSES = ("train", "finetune", "finetune-eval", "calibrate", "certify", "predict", "irs", "search-calibrate",
-            "search-finetune", "search-cohen", "search-agent", "hessian-noise", "hessian-probes")
+            "search-finetune", "search-bn", "search-cohen", "search-agent", "hessian-noise", "hessian-probes",
+            "fidelity-outcome")
 
 
 def derive_seed(purpose: str, seed: int, *index: int) -> int:

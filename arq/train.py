@@ -247,20 +247,50 @@ def qat_steps(model: nn.Module, split: Split, sigma: float, steps: int, batch_si
     return float(total) / steps
 
 
-def _finetune_fingerprint(config: dict, sigma: float, policy_doc: dict, base_sha: str, data_sha: str) -> dict:
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches) -> int:
+    """Replace every BatchNorm's running statistics by their exact average over ``batches`` (noisy inputs, as the
+    model will see them), the forward pass fake-quantized as in inference. A few QAT steps move the weights but
+    update the running statistics only by an exponential average of those few batches, so the scored network would
+    normalise with statistics of the FP32 weights; re-estimating them is the cheap part of what a real finetune
+    repairs. Returns the number of images seen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    seen = 0
+    for x in batches:
+        model(x)
+        seen += len(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+    return seen
+
+
+def _finetune_fingerprint(config: dict, sigma: float, policy_doc: dict, base_sha: str, data_sha: str,
+                          seed: int) -> dict:
     return {"finetune_hash": config_hash({"finetune": config["finetune"], "quant": config["quant"],
                                           "model": config["model"]}),
-            "layers": policy_doc["layers"], "sigma": sigma, "base_sha256": base_sha, "data_sha256": data_sha}
+            "layers": policy_doc["layers"], "sigma": sigma, "base_sha256": base_sha, "data_sha256": data_sha,
+            "seed": seed}
 
 
 def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dict, data: Prepared,
              out_model: str | Path, resume_path: str | Path, log_csv: str | Path, metrics_json: str | Path,
              device: torch.device, method: str, log=print) -> dict:
     """The final finetune every method shares: quantize the FP32 base model with ``policy_doc``, calibrate,
-    then QAT under Gaussian noise at σ (SGD, cosine schedule). Writes a quantized checkpoint carrying its policy."""
+    then QAT under Gaussian noise at σ (SGD, cosine schedule). Writes a quantized checkpoint carrying its policy.
+
+    ``method`` is the model's name; the seed it carries (``arq_b1.0_s2``) offsets ``finetune.seed``, so each seed of a
+    method is finetuned with its own batches and noise, and every method sees the same finetune seeds."""
+    from arq.layout import parse
     from arq.io import sha256_file
 
     fc = config["finetune"]
+    seed = fc["seed"] + (parse(method).seed or 0)
     start = time.perf_counter()
     model, meta = models.load_for_stage(base_model, config, sigma, log=log)
     if "policy" in meta:
@@ -272,24 +302,24 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
     log(f"finetuning {method} ({policy_doc['bitops_pct']:.3f}% of FP32 BitOps) at σ={sigma} on {len(train_split)} "
         f"images for {fc['epochs']} epochs on {device}")
     ranges = quantize_for_finetune(model, policy_doc["layers"], config["quant"], train_split, sigma,
-                                   fc["batch_size"], fc["seed"], device)
+                                   fc["batch_size"], seed, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model), lr=fc["lr"], momentum=fc["momentum"], weight_decay=fc["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(fc["epochs"], 1))
-    fingerprint = _finetune_fingerprint(config, sigma, policy_doc, base_sha, data.manifest["file_sha256"])
+    fingerprint = _finetune_fingerprint(config, sigma, policy_doc, base_sha, data.manifest["file_sha256"], seed)
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
     if first_epoch == 0:
-        val_acc = noisy_accuracy(model, val_split, sigma, 1000, rng.generator("finetune-eval", fc["seed"], device=device))
+        val_acc = noisy_accuracy(model, val_split, sigma, 1000, rng.generator("finetune-eval", seed, device=device))
         log(f"after calibration (before QAT): noisy val acc {val_acc:.4f}")
-    history = run_epochs(model, opt, sched, train_split, val_split, sigma, "finetune", fc["seed"], fc["epochs"], fc["batch_size"],
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, "finetune", seed, fc["epochs"], fc["batch_size"],
                          device, log, first_epoch, history,
                          _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
     if not history:  # epochs: 0 = post-training quantization (calibration only)
         history = [{"epoch": 0, "lr": 0.0, "loss": None, "train_acc": None,
                     "noisy_val_acc": round(noisy_accuracy(model, val_split, sigma, 1000,
-                                                          rng.generator("finetune-eval", fc["seed"], device=device)), 5),
+                                                          rng.generator("finetune-eval", seed, device=device)), 5),
                     "images_per_s": 0.0, "epoch_seconds": 0.0}]
         _write_history(log_csv, history)
 

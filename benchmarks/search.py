@@ -61,7 +61,8 @@ def setup(args):
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
     train = first_images(data.train, ft["train_images"])
     costs, rules = policy.for_config(cfg)
-    evaluator = EpisodeEvaluator(fp32, cfg, sigma, train, val, len(data.manifest["classes"]), device, "arq", cache)
+    evaluator = EpisodeEvaluator(fp32, cfg, sigma, train, val, len(data.manifest["classes"]), device, "arq",
+                                 cfg["search"]["seeds"][0], cache)
     return cfg, sigma, costs, rules, evaluator, cache, val, device
 
 
@@ -111,11 +112,11 @@ def fidelity(args) -> dict:
         irs_acr, irs_s = irs.acr(results, cache.labels), time.perf_counter() - t0
         t0 = time.perf_counter()
         cohen = cohen_acr(run, x, y, idx, evaluator.num_classes, ic["n0"], ic["n_p"], ic["alpha"] + ic["alpha_zeta"],
-                          cfg["search"]["seed"], sigma)
+                          cfg["search"]["seeds"][0], sigma)
         cohen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         reference = cohen_acr(run, x, y, idx, evaluator.num_classes, ic["n0"], args.reference_n, ic["alpha"],
-                              cfg["search"]["seed"] + 1, sigma)
+                              cfg["search"]["seeds"][0] + 1, sigma)
         ref_s = time.perf_counter() - t0
         rows.append({"policy": k, "bitops_pct": round(cost.bitops_pct(costs, layers), 4),
                      "irs_acr": irs_acr, "cohen_acr": cohen, "reference_acr": reference,

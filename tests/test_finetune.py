@@ -47,7 +47,7 @@ def _base(path, sigma=0.25, seed=0):
     return path
 
 
-def _run(cfg, data, base, doc, out, sigma=0.25, log=None, method="uniform W4A4"):
+def _run(cfg, data, base, doc, out, sigma=0.25, log=None, method="uniform_w4a4_s0"):
     out.mkdir(parents=True, exist_ok=True)
     lines = []
 
@@ -78,7 +78,7 @@ def test_finetune_writes_a_quantized_checkpoint_with_its_policy(ft_config, tiny_
 
     model, meta = models.load_checkpoint(out / "model.pt", "resnet20")
     assert meta["policy"] == w4a4
-    assert meta["sigma"] == 0.25 and meta["method"] == "uniform W4A4" and meta["epoch"] == 1
+    assert meta["sigma"] == 0.25 and meta["method"] == "uniform_w4a4_s0" and meta["epoch"] == 1
     layers = quant.quantized_layers(model)
     assert set(layers) == set(w4a4["layers"]) and len(layers) == 22
     for name, layer in layers.items():
@@ -91,7 +91,7 @@ def test_finetune_writes_a_quantized_checkpoint_with_its_policy(ft_config, tiny_
 
     written = json.loads((out / "ft.json").read_text())
     assert written == summary
-    assert summary["method"] == "uniform W4A4"
+    assert summary["method"] == "uniform_w4a4_s0"
     assert summary["bitops_pct"] == w4a4["bitops_pct"]
     assert summary["epochs"] == 1 and summary["train_images"] == 64
     ranges = summary["activation_ranges"]

@@ -13,7 +13,7 @@ from torch import nn
 from arq import cost, models, policy
 from arq.hawq.hessian import layer_traces, run_hessian
 from arq.hawq.ilp import allocate, run_allocate
-from arq.search.constraint import BudgetError
+from arq.policy import BudgetError
 
 
 def _exact_block_traces(model, x, y):

@@ -12,7 +12,8 @@ from gymnasium.utils.env_checker import check_env
 
 from arq import cost, irs, models, policy
 from arq.data import Prepared, Split
-from arq.search.constraint import BudgetError, cheapest_layers, enforce_budget, smallest_budget_pct
+from arq.policy import BudgetError, cheapest_layers, smallest_budget_pct
+from arq.search.constraint import enforce_budget
 from arq.search.ddpg import DDPG, DDPGSettings, RandomAgent
 from arq.search.env import QuantizationEnv, action_to_bits
 from arq.search.evaluate import EpisodeEvaluator
@@ -47,7 +48,7 @@ def test_budget_enforcement_properties_for_random_policies(resnet20):
     costs, rules = resnet20
     g = np.random.default_rng(0)
     for trial in range(300):
-        budget = float(g.uniform(smallest_budget_pct(costs, rules), 12.0))
+        budget = float(g.uniform(smallest_budget_pct(costs, cost.bitops(costs, cheapest_layers(rules))), 12.0))
         chosen = {n: {"w_bits": int(g.integers(2, 9)), "a_bits": int(g.integers(2, 9))} for n in rules.layers}
         chosen.update({n: {"w_bits": b, "a_bits": b} for n, b in rules.pinned.items()})
         out = enforce_budget(chosen, costs, rules, budget)
@@ -57,6 +58,17 @@ def test_budget_enforcement_properties_for_random_policies(resnet20):
         policy.validate(out, rules)
         if cost.bitops_pct(costs, chosen) <= budget:
             assert out == chosen  # already within: untouched
+
+
+@pytest.mark.parametrize("min_bits, pin", [(2, True), (3, True), (4, True), (2, False), (3, False)])
+def test_the_named_smallest_budget_always_passes(resnet20, min_bits, pin):
+    costs, _ = resnet20
+    rules = policy.rules_for("resnet20", costs, {"min_bits": min_bits, "max_bits": 8, "pin_first_last": pin,
+                                                 "pinned_bits": 8})
+    floor = smallest_budget_pct(costs, cost.bitops(costs, cheapest_layers(rules)))
+    policy.require_budget(costs, cost.bitops(costs, cheapest_layers(rules)), floor, "test")  # no error
+    with pytest.raises(BudgetError, match=f"smallest achievable is {floor:.4f}%"):
+        policy.require_budget(costs, cost.bitops(costs, cheapest_layers(rules)), floor - 1e-4, "test")
 
 
 def test_budget_walk_lowers_the_last_layers_activations_first(resnet20):
@@ -71,12 +83,14 @@ def test_budget_walk_lowers_the_last_layers_activations_first(resnet20):
 
 def test_an_unreachable_budget_names_the_smallest_achievable(resnet20):
     costs, rules = resnet20
-    floor = smallest_budget_pct(costs, rules)
-    assert floor == pytest.approx(cost.bitops_pct(costs, cheapest_layers(rules)))
+    cheapest = cost.bitops(costs, cheapest_layers(rules))
+    floor = smallest_budget_pct(costs, cheapest)
+    exact = cost.bitops_pct(costs, cheapest_layers(rules))
+    assert exact <= floor < exact + 1e-4  # rounded up to four decimals
     assert 0.4 < floor < 1.0  # W2A2 everywhere but the 8-bit first conv and FC
-    with pytest.raises(BudgetError, match=f"smallest achievable .* is {floor:.4f}%"):
-        enforce_budget(cheapest_layers(rules), costs, rules, floor * 0.99)
-    assert enforce_budget(cheapest_layers(rules), costs, rules, floor) == cheapest_layers(rules)
+    with pytest.raises(BudgetError, match=f"smallest achievable is {floor:.4f}%"):
+        enforce_budget(cheapest_layers(rules), costs, rules, exact * 0.99)
+    assert enforce_budget(cheapest_layers(rules), costs, rules, floor) == cheapest_layers(rules)  # the named budget passes
 
 
 # ------------------------------------------------------------------------------------------ observation
@@ -209,7 +223,7 @@ def search_setup(tmp_path, smoke_config, tiny_data, single_thread):
     cfg = copy.deepcopy(smoke_config)
     cfg["quant"]["calibration"]["images"] = 32
     cfg["irs"].update(images=4, n0=10, n=100, chunk=50, chunks_per_batch=2, n_p=20)
-    cfg["search"].update(episodes=5, warmup=2, arq_lambda=10.0)
+    cfg["search"].update(episodes=5, warmup=2, arq_lambda=10.0, haq_images=10)
     cfg["search"]["finetune"].update(steps=2, batch_size=16, train_images=None)
     cfg["search"]["ddpg"].update(batch_size=8, hidden=32)
     torch.manual_seed(0)
@@ -226,7 +240,7 @@ def search_setup(tmp_path, smoke_config, tiny_data, single_thread):
 
 def _search(setup, out, method="arq", log=None):
     cfg, model_path, data, cache_path = setup
-    return run_search(cfg, 0.25, method, 1.5, model_path, data, cache_path, out / "ep.csv", out / "policy.json",
+    return run_search(cfg, 0.25, method, 1.5, 0, model_path, data, cache_path, out / "ep.csv", out / "policy.json",
                       out / "curve.png", out / "state.pt", torch.device("cpu"), log=log or (lambda s: None),
                       progress=False)
 
@@ -242,10 +256,10 @@ def test_rewards_have_the_right_sign_and_scale(search_setup):
     cache = irs.Cache.load(cache_path)
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
     cpu = torch.device("cpu")
-    arq10 = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "arq", cache)
+    arq10 = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "arq", 0, cache)
     arq20 = EpisodeEvaluator(fp32, {**cfg, "search": {**cfg["search"], "arq_lambda": 20.0}}, 0.25, data.train, val,
-                             10, cpu, "arq", cache)
-    haq = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "haq")
+                             10, cpu, "arq", 0, cache)
+    haq = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, cpu, "haq", 0)
     # the FP32 model against itself: HAQ's reward is exactly 0; ARQ's is ≤ 0 (ζ > 0 even with no disagreement)
     assert haq.score(copy.deepcopy(fp32))[0] == 0.0
     r10, info = arq10.score(copy.deepcopy(fp32))
@@ -267,7 +281,7 @@ def test_an_episode_leaves_the_fp32_model_unchanged(search_setup, resnet20):
     before = {k: v.clone() for k, v in fp32.state_dict().items()}
     cache = irs.Cache.load(cache_path)
     val = Split(data.val.x[cache.idx], data.val.y[cache.idx])
-    ev = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, torch.device("cpu"), "arq", cache)
+    ev = EpisodeEvaluator(fp32, cfg, 0.25, data.train, val, 10, torch.device("cpu"), "arq", 0, cache)
     _, rules = resnet20
     reward, info = ev(enforce_budget({n: {"w_bits": 4, "a_bits": 4} for n in rules.layers} |
                                      {n: {"w_bits": 8, "a_bits": 8} for n in rules.pinned}, resnet20[0], rules, 1.5))
@@ -333,7 +347,7 @@ def test_a_corrupt_or_foreign_search_state_is_not_resumed(search_setup, tmp_path
     cfg = copy.deepcopy(search_setup[0])
     cfg["search"]["finetune"]["steps"] = 3
     said = []
-    run_search(cfg, 0.25, "arq", 1.5, search_setup[1], search_setup[2], search_setup[3], out / "ep.csv",
+    run_search(cfg, 0.25, "arq", 1.5, 0, search_setup[1], search_setup[2], search_setup[3], out / "ep.csv",
                out / "policy.json", out / "curve.png", out / "state.pt", torch.device("cpu"), log=said.append,
                progress=False)
     assert any(s.startswith("ignoring") and "other search settings" in s for s in said), said
@@ -342,5 +356,5 @@ def test_a_corrupt_or_foreign_search_state_is_not_resumed(search_setup, tmp_path
 def test_an_unreachable_budget_stops_the_search_naming_the_smallest(search_setup, tmp_path):
     cfg, model_path, data, cache_path = search_setup
     with pytest.raises(BudgetError, match="smallest achievable"):
-        run_search(cfg, 0.25, "arq", 0.1, model_path, data, cache_path, tmp_path / "ep.csv", tmp_path / "p.json",
+        run_search(cfg, 0.25, "arq", 0.1, 0, model_path, data, cache_path, tmp_path / "ep.csv", tmp_path / "p.json",
                    tmp_path / "c.png", tmp_path / "s.pt", torch.device("cpu"), log=lambda s: None, progress=False)

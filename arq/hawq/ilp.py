@@ -9,7 +9,6 @@ small layer's estimate can come out negative, and a negative sensitivity would r
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +20,7 @@ from torch import nn
 
 from arq import cost, policy, quant
 from arq.io import provenance, sha256_file
-from arq.policy import Rules
-from arq.search.constraint import BudgetError
+from arq.policy import Rules, require_budget
 
 
 def activation_bits(b: int, a_bits: int | str) -> int:
@@ -58,10 +56,7 @@ def allocate(omega: Mapping[str, Mapping[int, float]], costs: list[cost.LayerCos
         return by_name[name].macs * b * activation_bits(b, a_bits)
 
     cheapest = fixed_bitops + sum(min(bitops(n, b) for b in bits) for n in free)
-    if cheapest > limit:
-        smallest = math.ceil(1e4 * 100.0 * cheapest / cost.fp32_bitops(costs)) / 1e4  # up: the printed value is met
-        raise BudgetError(f"HAWQ cannot meet a budget of {budget_pct:g}% of FP32 BitOps: with bits {bits} "
-                          f"(activations {a_bits}) and the pinned layers the smallest achievable is {smallest:.4f}%")
+    require_budget(costs, cheapest, budget_pct, f"HAWQ's bits {bits} (activations {a_bits}) and the pinned layers")
     # scaled so that CBC's tolerances act on numbers near 1: objective by the largest Ω, cost by the FP32 BitOps
     top = max((v for n in free for v in omega[n].values()), default=1.0) or 1.0
     fp32 = cost.fp32_bitops(costs)

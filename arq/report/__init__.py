@@ -14,13 +14,13 @@ from arq import layout
 from arq.config import sigma_tag
 from arq.io import atomic_path, write_text
 from arq.report import figures, tables
-from arq.report.results import Result, load
+from arq.report.results import Group, Result, groups, load
 
 CAVEAT = ("CIFAR-10 test subset; ResNet-20; fewer samples per image and shorter training than the paper's protocol "
           "unless the profile is 'paper'")
 
 
-def _profile_note(config: dict, results: list[Result]) -> str:
+def _profile_note(config: dict, results: list[Group]) -> str:
     s = results[0].summary
     return (f"Profile '{config['profile']}': {s['images']} CIFAR-10 test images per model, N = {s['n']:,} noise "
             f"samples (N0 = {s['n0']}), α = {s['alpha']:g}; {config['model']['arch']}.")
@@ -46,12 +46,12 @@ def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool, qua
 def metrics(main) -> dict:
     """The headline numbers per model and σ (``dvc metrics show``): cost, clean and certified accuracy, ACR."""
     keep = ["bitops_pct", "w_bits", "a_bits", "clean"] + [c for c in main.columns if c.startswith("r=") and
-                                                          not c.endswith(("_lo", "_hi"))] + ["ACR", "abstain"]
+                                                          not c.endswith(("_lo", "_hi", "_sd"))] + ["ACR", "abstain"]
     return {f"{row['method']}_sigma{sigma_tag(row['sigma'])}": {k: round(float(row[k]), 6) for k in keep}
             for _, row in main.iterrows()}
 
 
-def curve_table(results: list[Result]):
+def curve_table(results: list[Group]):
     """Certified accuracy against radius, one row per (σ, model, radius) on a grid of CURVE_STEP up to the largest
     certifiable radius: the data behind the certified-accuracy figure, for ``dvc plots``."""
     import numpy as np
@@ -85,16 +85,23 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
                                  f"part of its policy time: give that cache's summary (--irs-caches)")
             r.reward_cache_seconds = cache_seconds[r.sigma]
     rc = config["report"]
-    main = tables.main_table(results, rc["radii"], rc["bootstrap"], rc["seed"])
-    tests = tables.paired_tests(results, rc["radii"], rc["bootstrap"], rc["seed"])
-    note = _profile_note(config, results)
+    grouped = groups(results)  # one per method and σ, over its seeds
+    main = tables.main_table(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
+    per_seed = tables.seed_table(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
+    tests = tables.paired_tests(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
+    note = _profile_note(config, grouped)
     notes = [note, "w̄: weight bits per weight (storage / weights); ā: activation bits weighted by MACs.",
              "Policy time: search episodes (calibration, finetune, reward, agent), plus the FP32 IRS cache for the "
              "certified rewards (ARQ, random search); Hessian + ILP for HAWQ; on the device the stage ran on; "
              "uniform policies cost nothing.",
              f"Intervals: {rc['bootstrap']:,} bootstrap resamples (seed {rc['seed']}); {CAVEAT}."]
+    seeds = sorted({len(g.runs) for g in grouped if g.policy is not None})
+    if seeds and seeds[-1] > 1:
+        notes.insert(1, "Quantized methods are means over their seeds (one search, finetune and certification per "
+                        "seed; uniform and HAWQ-V3 models differ only in the finetune seed); table.csv keeps every "
+                        "seed's row.")
     write_text(out["table_md"], tables.markdown(main, tests, f"Method comparison (profile {config['profile']})", notes))
-    for df, key in ((main, "table_csv"), (tests, "tests_csv")):
+    for df, key in ((per_seed, "table_csv"), (tests, "tests_csv")):
         with atomic_path(out[key]) as tmp:
             df.to_csv(tmp, index=False, float_format="%.6g")
     write_text(out["table_tex"], tables.latex(
@@ -103,19 +110,20 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
         f"tab:arq-{config['profile']}"))
     write_text(out["metrics"], json.dumps(metrics(main), indent=1) + "\n")
     with atomic_path(out["curves"]) as tmp:
-        curve_table(results).to_csv(tmp, index=False, float_format="%.6g")
+        curve_table(grouped).to_csv(tmp, index=False, float_format="%.6g")
     arch = config["model"]["arch"]
-    figures.certified_accuracy(results, *out["certified"], f"Certified accuracy, {arch} on CIFAR-10",
+    figures.certified_accuracy(grouped, *out["certified"], f"Certified accuracy, {arch} on CIFAR-10",
                                f"{note} Dotted line: the largest radius N samples can certify at α. {CAVEAT}.")
     if "bits" in out:
-        if not any(r.policy is not None for r in results):
+        if not any(r.policy is not None for r in grouped):
             raise ValueError("the bits-per-layer figure needs at least one quantized model's results")
-        figures.bits_per_layer(results, *out["bits"], f"Bits per layer of each method's policy, {arch}",
-                               f"Pinned first conv and last FC at {config['quant']['pinned_bits']} bits. "
-                               f"Profile '{config['profile']}'.")
+        figures.bits_per_layer(grouped, *out["bits"], f"Bits per layer of each method's policy, {arch}",
+                               f"Pinned first conv and last FC at {config['quant']['pinned_bits']} bits; a method "
+                               f"with several seeds shows its seeds' mean bits. Profile '{config['profile']}'.")
     figures.pareto(main, *out["pareto"], f"ACR against cost, {arch} on CIFAR-10",
                    f"{note} ACR: the certified radius averaged over all images, 0 where the smoothed prediction is wrong or "
-                   f"abstains. Error bars: 95% bootstrap intervals of ACR; grey band: FP32's. Budgets swept: "
+                   f"abstains. Error bars: 95% bootstrap intervals of ACR (over seeds and images for methods with several seeds); "
+                   f"grey band: FP32's. Budgets swept: "
                    f"{', '.join(f'{b:g}%' for b in config['search']['budgets'])}. {CAVEAT}.")
     if search_csvs:
         curves = {}
@@ -127,8 +135,11 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
         sc = config["search"]
         figures.search_curves(curves, *out["search"], f"Search learning curves, {arch}",
                               f"{sc['episodes']} episodes, the first {sc['warmup']} with random actions for DDPG; "
-                              f"rewards on {config['irs']['images']} val images after {sc['finetune']['steps']} QAT "
-                              f"steps. ARQ and random search share the reward; HAQ's is on clean accuracy. "
+                              f"rewards after {sc['finetune']['steps']} QAT steps"
+                              + (f" and BatchNorm re-estimation on {sc['finetune']['bn_images']} images"
+                                 if sc['finetune']['bn_images'] else "")
+                              + f". ARQ and random search share the certified reward on {config['irs']['images']} val "
+                              f"images; HAQ's is clean top-1 on {sc['haq_images']} val images. One line per seed. "
                               f"Profile '{config['profile']}'.")
     return {"main": main, "tests": tests}
 

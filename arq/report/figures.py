@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from arq.io import atomic_path  # noqa: E402
-from arq.report.results import Result, budget, display_name, family, sort_key  # noqa: E402
+from arq.layout import parse  # noqa: E402
+from arq.report.results import Group, budget, display_name, family, sort_key  # noqa: E402
 
 STYLE = {  # family → (colour, line style, marker)
     "fp32": ("black", "-", None),
@@ -38,7 +39,7 @@ def style(method: str, budgets: list[float] = ()) -> dict:
     """Colour, line style and marker of a method; ``budgets`` (all budgets drawn) tells apart one family's
     budgets by line style and marker."""
     colour, line, marker = STYLE.get(family(method), ("tab:purple", "-", "v"))
-    if method == "uniform_w8a8":
+    if parse(method).method == "uniform_w8a8":
         colour, marker = "tab:brown", "P"
     b = budget(method)
     if b is not None and len(budgets) > 1:
@@ -61,8 +62,8 @@ def _save(fig, png: str | Path, pdf: str | Path, caption: str) -> None:
     plt.close(fig)
 
 
-def _by_sigma(results: list[Result]) -> dict[float, list[Result]]:
-    out: dict[float, list[Result]] = {}
+def _by_sigma(results: list[Group]) -> dict[float, list[Group]]:
+    out: dict[float, list[Group]] = {}
     for r in sorted(results, key=lambda r: (r.sigma, sort_key(r.method))):
         out.setdefault(r.sigma, []).append(r)
     return out
@@ -72,7 +73,7 @@ def _budgets(methods) -> list[float]:
     return sorted({budget(m) for m in methods if budget(m) is not None})
 
 
-def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+def certified_accuracy(results: list[Group], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
     """One panel per σ, one curve per method; the x axis ends just past the largest radius N samples can certify,
     which is marked. Returns the panels drawn (title, curve labels) for tests."""
     panels = _by_sigma(results)
@@ -108,7 +109,7 @@ def certified_accuracy(results: list[Result], png, pdf, title: str, caption: str
     return drawn
 
 
-def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+def bits_per_layer(results: list[Group], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
     """Weight bits (top) and activation bits (bottom) of each layer, one line per quantized method and σ column."""
     panels = {s: [r for r in g if r.policy is not None] for s, g in _by_sigma(results).items()}
     panels = {s: g for s, g in panels.items() if g}
@@ -118,12 +119,12 @@ def bits_per_layer(results: list[Result], png, pdf, title: str, caption: str) ->
                              sharex=True)
     drawn = []
     for col, (sigma, group) in enumerate(panels.items()):
-        names = list(group[0].policy["layers"])
+        names = list(group[0].policy["layers"])  # forward order
         x = np.arange(len(names))
         labels = []
         for k, res in enumerate(group):
             st = style(res.method, budgets)
-            layers = res.policy["layers"]
+            layers = res.layers()  # the seeds' mean bits
             offset = (k - (len(group) - 1) / 2) * 0.06  # a small shift keeps coinciding lines visible
             label = display_name(res.method, nb)
             for row, key in enumerate(("w_bits", "a_bits")):
@@ -215,9 +216,11 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
                 ax.plot(ep, [float(r["reward"]) for r in rows], linestyle="none", marker=st["marker"] or ".",
                         markersize=4, alpha=0.55, color=st["color"])
                 name = display_name(method, nb)
+                first = name not in labels  # one legend entry per method; its seeds share the style
                 ax.plot(ep, [float(r["best_reward"]) for r in rows], color=st["color"], linestyle=st["linestyle"],
-                        linewidth=1.6, label=f"{name}: best so far (points: each episode)")
-                labels.append(name)
+                        linewidth=1.6, label=f"{name}: best so far (points: each episode)" if first else None)
+                if first:
+                    labels.append(name)
             ax.set_xlabel("episode")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("reward: λ·(ACR − ACR_FP32)" if col == 0 else "reward: 0.1·(top-1 − top-1_FP32) in pp")

@@ -1,17 +1,19 @@
-"""Certification results as the report reads them: one record per (method, σ) from the certify stage's text
-outputs (summary JSON + Cohen-format TSV) and, for quantized models, the policy that produced them.
+"""Certification results as the report reads them: one record per model (method, seed) and σ from the certify
+stage's text outputs (summary JSON + Cohen-format TSV) and, for quantized models, the policy that produced them;
+and one ``Group`` per method and σ over its seeds, which is what tables and figures show.
 
-Method ids are the pipeline's model names: ``fp32``, ``uniform_w4a4``, ``hawq_b1.5``, ``arq_b1.5``, …
+Model names are the pipeline's (``arq.layout``): ``fp32``, ``uniform_w4a4_s0``, ``hawq_b1.0_s1``, ``arq_b1.0_s2``, …;
+a method is the name without its seed (``arq_b1.0``).
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from arq.layout import parse, policy_name
 from arq.smoothing import ABSTAIN, read_tsv
 
 FAMILIES = {"fp32": "FP32", "uniform": "Uniform", "hawq": "HAWQ-V3", "haq": "HAQ", "random": "Random search",
@@ -19,36 +21,40 @@ FAMILIES = {"fp32": "FP32", "uniform": "Uniform", "hawq": "HAWQ-V3", "haq": "HAQ
 ORDER = list(FAMILIES)  # table order: references, baselines, the control, then ARQ
 
 
-def family(method: str) -> str:
-    return method.split("_", 1)[0]
+def family(name: str) -> str:
+    return parse(name).family
 
 
-def budget(method: str) -> float | None:
-    m = re.search(r"_b([0-9]+\.[0-9]+)$", method)
-    return float(m.group(1)) if m else None
+def budget(name: str) -> float | None:
+    return parse(name).budget
 
 
-def display_name(method: str, budgets: int = 1) -> str:
+def display_name(name: str, budgets: int = 1) -> str:
     """What a reader sees: 'Uniform W4A4', 'HAWQ-V3', 'ARQ (3.0%)' when a profile sweeps several budgets."""
-    fam = family(method)
-    if fam not in FAMILIES:
-        return method
-    if fam == "uniform":
-        return f"Uniform {method.split('_', 1)[1].upper()}"
-    b = budget(method)
-    return FAMILIES[fam] + (f" ({b:g}%)" if b is not None and budgets > 1 else "")
+    n = parse(name)
+    if n.family not in FAMILIES:
+        return n.method
+    if n.family == "uniform":
+        return f"Uniform {(n.variant or '').upper()}"
+    return FAMILIES[n.family] + (f" ({n.budget:g}%)" if n.budget is not None and budgets > 1 else "")
 
 
-def sort_key(method: str) -> tuple:
-    """Table order: by family, then budget; uniform models from the most bits to the fewest (W8A8 before W4A4)."""
-    fam = family(method)
-    m = re.fullmatch(r"uniform_w(\d+)a(\d+)", method)
-    bits = (-int(m.group(1)), -int(m.group(2))) if m else (0, 0)
-    return (ORDER.index(fam) if fam in ORDER else len(ORDER), budget(method) or 0.0, bits, method)
+def sort_key(name: str) -> tuple:
+    """Table order: by family, then budget; uniform models from the most bits to the fewest (W8A8 before W4A4),
+    then by seed."""
+    n = parse(name)
+    bits = (0, 0)
+    if n.family == "uniform" and n.variant:
+        w, a = n.variant[1:].split("a")
+        bits = (-int(w), -int(a))
+    return (ORDER.index(n.family) if n.family in ORDER else len(ORDER), n.budget or 0.0, bits, n.method,
+            -1 if n.seed is None else n.seed)
 
 
 @dataclass
 class Result:
+    """One certified model: ``method`` is its full name (with the seed)."""
+
     method: str
     sigma: float
     summary: dict
@@ -58,6 +64,10 @@ class Result:
     abstain: np.ndarray
     policy: dict | None = field(default=None)
     reward_cache_seconds: float = 0.0  # the FP32 IRS cache a certified-reward search scores against
+
+    @property
+    def seed(self) -> int | None:
+        return parse(self.method).seed
 
     def certified(self, r: float) -> np.ndarray:
         """Per image: correct and certified at radius ≥ r (r = 0: correct, the clean smoothed accuracy)."""
@@ -91,6 +101,75 @@ class Result:
         return w, a
 
 
+@dataclass
+class Group:
+    """One method at one σ over its seeds: the runs certified the same images, so its per-image values form a
+    seeds × images table (one row for FP32). Means are over seeds and images; costs are means over seeds (a
+    search's policy, and so its BitOps, differ from seed to seed)."""
+
+    method: str  # without the seed
+    sigma: float
+    runs: list[Result]
+
+    def __post_init__(self):
+        self.runs = sorted(self.runs, key=lambda r: -1 if r.seed is None else r.seed)
+        for r in self.runs[1:]:
+            if not np.array_equal(r.idx, self.runs[0].idx):
+                raise ValueError(f"{r.method} and {self.runs[0].method} at σ={self.sigma:g} were certified on "
+                                 "different images; the seeds of a method must share them")
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def idx(self) -> np.ndarray:
+        return self.runs[0].idx
+
+    @property
+    def policy(self) -> dict | None:
+        return self.runs[0].policy
+
+    @property
+    def summary(self) -> dict:
+        """The first run's summary with the BitOps averaged over seeds."""
+        return {**self.runs[0].summary, "bitops_pct": float(np.mean([r.summary["bitops_pct"] for r in self.runs]))}
+
+    def certified(self, r: float) -> np.ndarray:
+        """seeds × images: correct and certified at radius ≥ r."""
+        return np.stack([run.certified(r) for run in self.runs])
+
+    @property
+    def acr_terms(self) -> np.ndarray:
+        return np.stack([run.acr_terms for run in self.runs])
+
+    @property
+    def abstain(self) -> np.ndarray:
+        return np.stack([run.abstain for run in self.runs])
+
+    def policy_seconds(self) -> float | None:
+        seconds = [run.policy_seconds() for run in self.runs]
+        return None if seconds[0] is None else float(np.mean(seconds))
+
+    def mean_bits(self) -> tuple[float, float]:
+        w, a = zip(*(run.mean_bits() for run in self.runs))
+        return float(np.mean(w)), float(np.mean(a))
+
+    def layers(self) -> dict[str, dict[str, float]]:
+        """Bits per layer, averaged over the seeds' policies."""
+        names = list(self.policy["layers"])
+        return {n: {k: float(np.mean([run.policy["layers"][n][k] for run in self.runs])) for k in ("w_bits", "a_bits")}
+                for n in names}
+
+
+def groups(results: list[Result]) -> list[Group]:
+    """The results grouped by (method without seed, σ), in table order."""
+    by: dict[tuple[str, float], list[Result]] = {}
+    for r in results:
+        by.setdefault((parse(r.method).method, r.sigma), []).append(r)
+    return sorted((Group(m, s, runs) for (m, s), runs in by.items()), key=lambda g: (g.sigma, sort_key(g.method)))
+
+
 def load(summary_path: str | Path, tsv_path: str | Path, policies: list[str | Path] = ()) -> Result:
     """One model's results; a quantized model's policy is found among ``policies`` by its file name."""
     s = json.loads(Path(summary_path).read_text())
@@ -110,8 +189,8 @@ def policy_for(method: str, sigma: float, policies: list[str | Path]) -> str | N
         return None
     from arq.config import sigma_tag
 
-    names = {f"{method}.json", f"{method}_sigma{sigma_tag(sigma)}.json"}
+    name = policy_name(method, sigma_tag(sigma))
     for p in policies:
-        if Path(p).name in names:
+        if Path(p).name == name:
             return str(p)
-    raise ValueError(f"no policy given for {method} at σ={sigma:g} (looked for {' or '.join(sorted(names))})")
+    raise ValueError(f"no policy given for {method} at σ={sigma:g} (looked for {name})")

@@ -1,5 +1,8 @@
 """The comparison table: one row per (σ, method) with intervals, and paired tests against ARQ and FP32.
 
+A method run with several seeds is a row of means over its seeds, with its SD across seeds and hierarchical
+bootstrap intervals (arq.report.stats); the CSV also keeps a row per seed. With one seed a row is exactly the
+single model's: Clopper–Pearson for accuracies, the image bootstrap for ACR, McNemar in the paired tests.
 Radii beyond what N samples can certify (``max_certifiable_radius``) are left out: every method is 0 there.
 """
 from __future__ import annotations
@@ -10,38 +13,62 @@ import numpy as np
 import pandas as pd
 
 from arq.report import stats
-from arq.report.results import Result, budget, display_name, family, sort_key
+from arq.report.results import Group, budget, display_name, family, sort_key
 
 
 def radii_shown(radii: list[float], max_radius: float) -> list[float]:
     return [r for r in radii if r <= max_radius]
 
 
-def _budgets(results: list[Result]) -> int:
-    return len({budget(r.method) for r in results if budget(r.method) is not None})
+def _budgets(groups: list[Group]) -> int:
+    return len({budget(g.method) for g in groups if budget(g.method) is not None})
 
 
-def main_table(results: list[Result], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
-    """BitOps, mean bits, clean and certified accuracy (Clopper–Pearson), ACR (bootstrap), abstain, policy time."""
-    nb = _budgets(results)
-    rows = []
-    for res in sorted(results, key=lambda r: (r.sigma, sort_key(r.method))):
-        n = len(res.idx)
-        w_bits, a_bits = res.mean_bits()
-        row = {"sigma": res.sigma, "method": res.method, "name": display_name(res.method, nb),
-               "bitops_pct": res.summary["bitops_pct"], "w_bits": w_bits, "a_bits": a_bits, "images": n,
-               "N": res.summary["n"], "alpha": res.summary["alpha"]}
-        for r in [0.0] + [r for r in radii_shown(radii, res.summary["max_certifiable_radius"]) if r > 0]:
-            key = "clean" if r == 0 else f"r={r:g}"
-            k = int(res.certified(r).sum())
-            lo, hi = stats.clopper_pearson(k, n)
-            row.update({key: k / n, f"{key}_lo": lo, f"{key}_hi": hi})
-        lo, hi = stats.bootstrap_mean(res.acr_terms, resamples, seed)
-        row.update({"ACR": float(res.acr_terms.mean()), "ACR_lo": lo, "ACR_hi": hi,
-                    "abstain": float(res.abstain.mean()), "policy_seconds": res.policy_seconds(),
-                    "certify_seconds": res.summary["wall_seconds"]})
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _measured(radii: list[float], g: Group) -> list[float]:
+    return [0.0] + [r for r in radii_shown(radii, g.summary["max_certifiable_radius"]) if r > 0]
+
+
+def _sd(per_seed: np.ndarray) -> float:
+    return float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan
+
+
+def group_row(g: Group, radii: list[float], resamples: int, seed: int, nb: int) -> dict:
+    """BitOps, mean bits, clean and certified accuracy, ACR (with intervals; SD across seeds), abstain, times."""
+    n, seeds = len(g.idx), len(g.runs)
+    w_bits, a_bits = g.mean_bits()
+    row = {"sigma": g.sigma, "method": g.method, "seed": g.seeds[0] if seeds == 1 else None, "seeds": seeds,
+           "name": display_name(g.method, nb), "bitops_pct": g.summary["bitops_pct"], "w_bits": w_bits,
+           "a_bits": a_bits, "images": n, "N": g.summary["n"], "alpha": g.summary["alpha"]}
+    for r in _measured(radii, g):
+        key = "clean" if r == 0 else f"r={r:g}"
+        table = g.certified(r)
+        if seeds == 1:
+            lo, hi = stats.clopper_pearson(int(table.sum()), n)
+        else:
+            lo, hi = stats.bootstrap_mean(table, resamples, seed)
+        row.update({key: float(table.mean()), f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_sd": _sd(table.mean(1))})
+    lo, hi = stats.bootstrap_mean(g.acr_terms, resamples, seed)
+    row.update({"ACR": float(g.acr_terms.mean()), "ACR_lo": lo, "ACR_hi": hi, "ACR_sd": _sd(g.acr_terms.mean(1)),
+                "abstain": float(g.abstain.mean()), "policy_seconds": g.policy_seconds(),
+                "certify_seconds": float(np.mean([r.summary["wall_seconds"] for r in g.runs]))})
+    return row
+
+
+def main_table(groups: list[Group], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
+    """One row per (σ, method): means over its seeds (see ``group_row``)."""
+    nb = _budgets(groups)
+    return pd.DataFrame([group_row(g, radii, resamples, seed, nb) for g in groups])
+
+
+def seed_table(groups: list[Group], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
+    """The CSV's rows: every model (method and seed) on its own, then the across-seed row of every method with
+    several seeds (its ``seed`` empty)."""
+    nb = _budgets(groups)
+    rows = [group_row(Group(g.method, g.sigma, [run]), radii, resamples, seed, nb) for g in groups for run in g.runs]
+    rows += [group_row(g, radii, resamples, seed, nb) for g in groups if len(g.runs) > 1]
+    out = pd.DataFrame(rows)
+    out["seed"] = out["seed"].astype("Int64")
+    return out
 
 
 def reference_for(method: str, sigma: float, by_key: dict) -> dict[str, str]:
@@ -59,38 +86,62 @@ def reference_for(method: str, sigma: float, by_key: dict) -> dict[str, str]:
     return {k: v for k, v in refs.items() if v != method}
 
 
-TEST_COLUMNS = ["sigma", "method", "vs", "reference", "measure", "test", "diff", "low", "high", "only_method",
+def paired_tables(a: Group, b: Group, measure) -> tuple[np.ndarray, np.ndarray, list]:
+    """``measure(group)`` of both as seeds × images tables with row k of each from the same seed: the seeds both
+    have, or all of ``a``'s against a reference with a single seedless model (FP32)."""
+    ta, tb = measure(a), measure(b)
+    if b.seeds == [None]:
+        return ta, np.broadcast_to(tb, ta.shape), a.seeds
+    common = [s for s in a.seeds if s in b.seeds]
+    if not common:
+        raise ValueError(f"{a.method} (seeds {a.seeds}) and {b.method} (seeds {b.seeds}) at σ={a.sigma:g} share "
+                         "no seed; paired tests need the same seeds")
+    return ta[[a.seeds.index(s) for s in common]], tb[[b.seeds.index(s) for s in common]], common
+
+
+TEST_COLUMNS = ["sigma", "method", "vs", "reference", "seeds", "measure", "test", "diff", "low", "high", "only_method",
                 "only_reference", "p"]
 
 
-def paired_tests(results: list[Result], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
-    """Every method against ARQ and against FP32 on the same images: McNemar on clean and certified-at-r,
-    paired bootstrap on ACR. Differences are method − reference."""
-    by_key = {(r.method, r.sigma): r for r in results}
+def paired_tests(groups: list[Group], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
+    """Every method against ARQ and against FP32 on the same images and seeds: with one seed, McNemar on clean and
+    certified-at-r; with several, the paired hierarchical bootstrap; the paired (hierarchical) bootstrap on ACR.
+    Differences are method − reference."""
+    by_key = {(g.method, g.sigma): g for g in groups}
     rows = []
-    for res in sorted(results, key=lambda r: (r.sigma, sort_key(r.method))):
-        for vs, ref_method in reference_for(res.method, res.sigma, by_key).items():
-            ref = by_key[(ref_method, res.sigma)]
-            if not np.array_equal(res.idx, ref.idx):
-                raise ValueError(f"{res.method} and {ref_method} at σ={res.sigma:g} were certified on different "
+    for g in groups:
+        for vs, ref_method in reference_for(g.method, g.sigma, by_key).items():
+            ref = by_key[(ref_method, g.sigma)]
+            if not np.array_equal(g.idx, ref.idx):
+                raise ValueError(f"{g.method} and {ref_method} at σ={g.sigma:g} were certified on different "
                                  "images; paired tests need the same images")
-            for r in [0.0] + [r for r in radii_shown(radii, res.summary["max_certifiable_radius"]) if r > 0]:
-                t = stats.mcnemar(res.certified(r), ref.certified(r))
-                rows.append({"sigma": res.sigma, "method": res.method, "vs": vs, "reference": ref_method,
-                             "measure": "clean" if r == 0 else f"r={r:g}", "test": "McNemar (exact)",
-                             "diff": t["diff"], "low": math.nan, "high": math.nan, "only_method": t["only_a"],
-                             "only_reference": t["only_b"], "p": t["p"]})
-            t = stats.paired_bootstrap(res.acr_terms, ref.acr_terms, resamples, seed)
-            rows.append({"sigma": res.sigma, "method": res.method, "vs": vs, "reference": ref_method,
-                         "measure": "ACR", "test": "paired bootstrap", "diff": t["diff"], "low": t["low"],
-                         "high": t["high"], "only_method": math.nan, "only_reference": math.nan, "p": t["p"]})
+            base = {"sigma": g.sigma, "method": g.method, "vs": vs, "reference": ref_method}
+            for r in _measured(radii, g):
+                a, b, common = paired_tables(g, ref, lambda x: x.certified(r))
+                measure = "clean" if r == 0 else f"r={r:g}"
+                if len(common) == 1:
+                    t = stats.mcnemar(a[0], b[0])
+                    rows.append({**base, "seeds": 1, "measure": measure, "test": "McNemar (exact)", "diff": t["diff"],
+                                 "low": math.nan, "high": math.nan, "only_method": t["only_a"],
+                                 "only_reference": t["only_b"], "p": t["p"]})
+                else:
+                    t = stats.paired_bootstrap(a, b, resamples, seed)
+                    rows.append({**base, "seeds": len(common), "measure": measure,
+                                 "test": "paired hierarchical bootstrap", "diff": t["diff"], "low": t["low"],
+                                 "high": t["high"], "only_method": math.nan, "only_reference": math.nan, "p": t["p"]})
+            a, b, common = paired_tables(g, ref, lambda x: x.acr_terms)
+            t = stats.paired_bootstrap(a, b, resamples, seed)
+            rows.append({**base, "seeds": len(common), "measure": "ACR",
+                         "test": "paired bootstrap" if len(common) == 1 else "paired hierarchical bootstrap",
+                         "diff": t["diff"], "low": t["low"], "high": t["high"], "only_method": math.nan,
+                         "only_reference": math.nan, "p": t["p"]})
     return pd.DataFrame(rows, columns=TEST_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------ formatting
 
 def _measures(df: pd.DataFrame) -> list[str]:
-    return ["clean"] + [c for c in df.columns if c.startswith("r=") and not c.endswith(("_lo", "_hi"))]
+    return ["clean"] + [c for c in df.columns if c.startswith("r=") and not c.endswith(("_lo", "_hi", "_sd"))]
 
 
 def _seconds(s) -> str:
@@ -110,18 +161,25 @@ def markdown(main: pd.DataFrame, tests: pd.DataFrame, title: str, notes: list[st
     for sigma, part in main.groupby("sigma", sort=True):
         part = part.dropna(axis=1, how="all")
         measures = _measures(part)
+        seeded = int(part["seeds"].max()) > 1
+        intervals = ("Clopper–Pearson for accuracies, bootstrap for ACR" if not seeded else
+                     "Clopper–Pearson for one-seed accuracies, otherwise a hierarchical bootstrap over seeds and "
+                     "images; means over seeds, SD across seeds")
         out += [f"## σ = {sigma:g}", "",
                 f"{int(part['images'].iloc[0])} test images, N = {int(part['N'].iloc[0]):,}, "
-                f"α = {part['alpha'].iloc[0]:g}; 95% intervals (Clopper–Pearson for accuracies, bootstrap for ACR).",
-                ""]
-        head = ["method", "BitOps %", "w̄ / ā bits"] + [("clean acc." if m == "clean" else f"cert. acc. {m}")
-                                                        for m in measures] + ["ACR", "abstain", "policy time"]
+                f"α = {part['alpha'].iloc[0]:g}; 95% intervals ({intervals}).", ""]
+        head = ["method"] + (["seeds"] if seeded else []) + ["BitOps %", "w̄ / ā bits"] + \
+            [("clean acc." if m == "clean" else f"cert. acc. {m}") for m in measures] + ["ACR"] + \
+            (["ACR SD"] if seeded else []) + ["abstain", "policy time"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, row in part.iterrows():
-            cells = [row["name"], f"{row['bitops_pct']:.3f}", f"{row['w_bits']:.2f} / {row['a_bits']:.2f}"]
+            cells = [row["name"]] + ([str(int(row["seeds"]))] if seeded else []) + \
+                [f"{row['bitops_pct']:.3f}", f"{row['w_bits']:.2f} / {row['a_bits']:.2f}"]
             cells += [f"{row[m]:.3f} ({row[m + '_lo']:.3f}–{row[m + '_hi']:.3f})" for m in measures]
-            cells += [f"{row['ACR']:.3f} ({row['ACR_lo']:.3f}–{row['ACR_hi']:.3f})", f"{row['abstain']:.3f}",
-                      _seconds(row.get("policy_seconds"))]
+            cells += [f"{row['ACR']:.3f} ({row['ACR_lo']:.3f}–{row['ACR_hi']:.3f})"]
+            if seeded:
+                cells.append("–" if math.isnan(row.get("ACR_sd", math.nan)) else f"{row['ACR_sd']:.3f}")
+            cells += [f"{row['abstain']:.3f}", _seconds(row.get("policy_seconds"))]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         for vs in ("ARQ", "FP32"):
@@ -130,8 +188,10 @@ def markdown(main: pd.DataFrame, tests: pd.DataFrame, title: str, notes: list[st
                 continue
             ms = list(dict.fromkeys(t["measure"]))
             names = part.set_index("method")["name"]
-            out += [f"Paired differences, method − reference (p: McNemar exact for accuracies, paired bootstrap "
-                    f"for ACR):", "", "| method | reference | " + " | ".join(f"Δ {m}" for m in ms) + " |",
+            how = ("McNemar exact for accuracies, paired bootstrap for ACR" if not seeded else
+                   "McNemar exact for one-seed accuracies, otherwise paired hierarchical bootstrap over the shared "
+                   "seeds and images")
+            out += [f"Paired differences, method − reference (p: {how}):", "", "| method | reference | " + " | ".join(f"Δ {m}" for m in ms) + " |",
                     "|" + "---|" * (len(ms) + 2)]
             for method, g in t.groupby("method", sort=False):
                 reference = names[g["reference"].iloc[0]]

@@ -9,33 +9,16 @@ from __future__ import annotations
 from typing import Mapping
 
 from arq import cost
-from arq.policy import Rules
-
-
-class BudgetError(ValueError):
-    """A budget no policy within the bit range can meet."""
-
-
-def cheapest_layers(rules: Rules) -> dict[str, dict[str, int]]:
-    """Every layer at the lowest bits allowed (pinned layers at their pinned bits)."""
-    return {n: {"w_bits": rules.pinned.get(n, rules.min_bits), "a_bits": rules.pinned.get(n, rules.min_bits)}
-            for n in rules.layers}
-
-
-def smallest_budget_pct(costs: list[cost.LayerCost], rules: Rules) -> float:
-    """The lowest BitOps % of FP32 any valid policy reaches."""
-    return cost.bitops_pct(costs, cheapest_layers(rules))
+from arq.policy import Rules, cheapest_layers, require_budget
 
 
 def enforce_budget(layers: Mapping[str, Mapping[str, int]], costs: list[cost.LayerCost], rules: Rules,
                    budget_pct: float) -> dict[str, dict[str, int]]:
     """A copy of ``layers`` lowered (last layer first, activation before weight bits, one bit per step, pinned
     layers untouched) until its BitOps are at most ``budget_pct`` % of FP32; unchanged if already within it."""
+    require_budget(costs, cost.bitops(costs, cheapest_layers(rules)), budget_pct,
+                   f"bits {rules.min_bits}..{rules.max_bits} and the pinned layers")
     target = budget_pct / 100.0 * cost.fp32_bitops(costs)
-    if cost.bitops(costs, cheapest_layers(rules)) > target:  # compared in BitOps, as the walk below is
-        raise BudgetError(f"a budget of {budget_pct:g}% of FP32 BitOps cannot be met: the smallest achievable "
-                          f"with bits {rules.min_bits}..{rules.max_bits} and the pinned layers is "
-                          f"{smallest_budget_pct(costs, rules):.4f}%")
     out = {n: {"w_bits": int(layers[n]["w_bits"]), "a_bits": int(layers[n]["a_bits"])} for n in rules.layers}
     by_name = {c.name: c for c in costs}
     current = cost.bitops(costs, out)

@@ -4,7 +4,12 @@ Actor and critic are 300-300 MLPs (sigmoid actor output, critic taking state and
 layers, summed). Adam 1e-4 / 1e-3, soft target updates τ = 0.01, discount 1. Every transition of an episode is
 stored with the episode's final reward; a moving-average baseline is subtracted from sampled rewards; updates
 run at episode end, one per stored transition, after the warm-up episodes. Exploration: uniform actions during
-warm-up, then a truncated normal on [0, 1] around the actor's output with σ = 0.5 · 0.99^(episode − warm-up).
+warm-up, then a truncated normal on [0, 1] around the actor's output with σ = δ₀ · d^(episode − warm-up).
+
+HAQ fixes d = 0.99 (``delta_final: null``), which suits its 600 episodes (δ ends near .0015) but leaves a short
+search exploring as widely at its end as in its middle (δ = .23 at episode 100 of 100). With ``delta_final`` set,
+d is chosen so that δ falls from δ₀ at the first learned episode to exactly ``delta_final`` at the last one
+(d = (δ_final/δ₀)^(1/(episodes − warm-up − 1))): a deviation from HAQ, so that every search length converges.
 
 Where this differs from HAQ's code: transitions are stored with the actions of the policy that was evaluated
 (the bits after budget enforcement, as the centres of their action bins, and observations whose previous-bits
@@ -34,7 +39,9 @@ class DDPGSettings:
     replay_per_step: int = 128  # replay capacity = this × steps per episode
     warmup: int = 20  # episodes with uniform random actions
     init_delta: float = 0.5
-    delta_decay: float = 0.99
+    delta_decay: float = 0.99  # HAQ's fixed decay per episode, used when delta_final is None
+    delta_final: float | None = None  # else: δ at the last episode, the decay following the episode count
+    episodes: int = 600  # the search's length (for delta_final)
     baseline_alpha: float = 0.5  # moving average of sampled batch rewards
 
 
@@ -116,7 +123,14 @@ class DDPG:
         self.baseline: float | None = None
 
     def delta(self, episode: int) -> float:
-        return self.s.init_delta * self.s.delta_decay ** (episode - self.s.warmup)
+        """The exploration σ of a learned episode (0-based; episodes before the warm-up ends explore uniformly)."""
+        return self.s.init_delta * self.decay() ** max(episode - self.s.warmup, 0)
+
+    def decay(self) -> float:
+        if self.s.delta_final is None:
+            return self.s.delta_decay
+        learned = self.s.episodes - self.s.warmup
+        return 1.0 if learned <= 1 else (self.s.delta_final / self.s.init_delta) ** (1.0 / (learned - 1))
 
     def act(self, obs: np.ndarray, episode: int) -> float:
         if episode < self.s.warmup:

@@ -1,15 +1,19 @@
 """Episode evaluation: a policy in, its reward out, in process and without touching the FP32 model.
 
 Every episode quantizes a *copy* of the FP32 model with the policy, calibrates its activation ranges on noisy
-training images, finetunes it for a few QAT steps under noise σ, and scores it on the search's **val** images
-(never the test split). Calibration and finetune draw the same noise and batches in every episode (common random
+training images, finetunes it for a few QAT steps under noise σ, optionally re-estimates its BatchNorm statistics
+on noisy training images (``search.finetune.bn_images``), and scores it on the search's **val** images (never the
+test split). Which of these settings make the reward rank policies as the final finetune does is measured by
+``benchmarks/proxy_outcome.py`` (README *Search*). Calibration and finetune draw the same noise and batches in every episode (common random
 numbers), so two policies differ in reward only through their bits.
 
 Rewards (the search method picks one):
 - ``arq``: λ·(ACR_q − ACR_fp) with ACR_q from incremental certification (IRS) against the FP32 model's cache of
   the same val images and ACR_fp from that cache; with ``search.certifier: cohen`` ACR_q comes instead from
   Cohen's CERTIFY at the same sample count (n_p) and confidence on the same images (the fidelity study).
-- ``haq``: 0.1·(top-1_q − top-1_fp) in percentage points on clean val images (HAQ's reward).
+- ``haq``: 0.1·(top-1_q − top-1_fp) in percentage points on clean val images (HAQ's reward), on its own
+  class-balanced val set of ``search.haq_images`` (HAQ's code scores on 10,000 val images; a 50-image set moves
+  in 2-point steps).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from arq import quant, rng
 from arq.data import Split
 from arq.irs import Cache, acr, cached_acr, certify_incremental
 from arq.smoothing import Engine, Smooth, image_generator, to_unit
-from arq.train import calibration_batches, qat_steps
+from arq.train import calibration_batches, qat_steps, reestimate_bn
 
 
 @torch.inference_mode()
@@ -40,9 +44,9 @@ class EpisodeEvaluator:
     """Callable ``(layers) -> (reward, info)`` for QuantizationEnv."""
 
     def __init__(self, fp32: nn.Module, config: dict, sigma: float, train: Split, val: Split, num_classes: int,
-                 device: torch.device, reward: str, cache: Cache | None = None):
+                 device: torch.device, reward: str, seed: int, cache: Cache | None = None):
         sc = config["search"]
-        self.config, self.sigma, self.device, self.num_classes = config, sigma, device, num_classes
+        self.config, self.sigma, self.device, self.num_classes, self.seed = config, sigma, device, num_classes, seed
         self.fp32 = fp32.to(device).eval()
         if reward not in ("arq", "haq"):
             raise ValueError(f"unknown reward {reward!r} (arq or haq)")
@@ -61,7 +65,7 @@ class EpisodeEvaluator:
 
     def quantize(self, layers: dict) -> tuple[nn.Module, dict]:
         """The finetuned quantized copy the reward is computed on, and the seconds each phase took."""
-        qc, seed = self.config["quant"], self.config["search"]["seed"]
+        qc, seed = self.config["quant"], self.seed
         seconds = {}
         t0 = time.perf_counter()
         model = quant.apply_policy(copy.deepcopy(self.fp32), layers, qc["weight_clip"])
@@ -75,6 +79,9 @@ class EpisodeEvaluator:
                   self.ft["momentum"], self.ft["weight_decay"], rng.generator("search-finetune", seed,
                                                                               device=self.device),
                   self.fp32 if self.ft["distill"] else None)
+        if self.ft["bn_images"]:
+            reestimate_bn(model, calibration_batches(self.train, self.sigma, self.ft["bn_images"],
+                                                     self.ft["batch_size"], seed, self.device, "search-bn"))
         seconds["finetune"] = time.perf_counter() - t0
         return model, seconds
 
@@ -91,7 +98,7 @@ class EpisodeEvaluator:
             value = acr(results, self.cache.labels)
         else:
             value = cohen_acr(run, self.x_val, self.y_val, self.cache.idx.tolist(), self.num_classes, ic["n0"],
-                              ic["n_p"], ic["alpha"] + ic["alpha_zeta"], sc["seed"], self.sigma)
+                              ic["n_p"], ic["alpha"] + ic["alpha_zeta"], self.seed, self.sigma)
         return sc["arq_lambda"] * (value - self.reference), {"acr": value, "acr_fp32": self.reference}
 
     def __call__(self, layers: dict) -> tuple[float, dict[str, Any]]:

@@ -22,8 +22,8 @@ import torch
 from arq import models, policy
 from arq.config import config_hash, search_settings
 from arq.io import provenance, set_aside, sha256_file, torch_save, write_text
-from arq.search.constraint import cheapest_layers, enforce_budget
-from arq.data import Split
+from arq.search.constraint import enforce_budget
+from arq.data import Split, balanced
 from arq.search.ddpg import DDPG, DDPGSettings, RandomAgent
 from arq.search.env import QuantizationEnv
 from arq.search.evaluate import EpisodeEvaluator
@@ -34,17 +34,25 @@ FORMAT = "arq-search-state/1"
 TIME_COLUMNS = ("seconds_calibrate", "seconds_finetune", "seconds_reward", "seconds_agent")
 
 
-def make_agent(kind: str, obs_dim: int, steps: int, sc: dict):
+def make_agent(kind: str, obs_dim: int, steps: int, sc: dict, seed: int):
     if kind == "random":
-        return RandomAgent(sc["seed"])
-    return DDPG(obs_dim, steps, DDPGSettings(warmup=sc["warmup"], **sc["ddpg"]), sc["seed"])
+        return RandomAgent(seed)
+    return DDPG(obs_dim, steps, DDPGSettings(warmup=sc["warmup"], episodes=sc["episodes"], **sc["ddpg"]), seed)
 
 
-def fingerprint(config: dict, sigma: float, method: str, budget: float, fp32_sha: str, data_sha: str,
+def learning(agent, episode: int, losses: list[dict]) -> dict:
+    """What the agent did this episode, as HAQ logs it: the exploration σ of its actions (empty during the warm-up
+    and for the random control, whose actions are uniform) and the mean critic and actor losses of its updates."""
+    explored = agent.learns and episode >= agent.s.warmup
+    mean = {k: round(float(np.mean([d[k] for d in losses])), 6) if losses else "" for k in ("critic_loss", "actor_loss")}
+    return {"delta": round(agent.delta(episode), 6) if explored else "", **mean}
+
+
+def fingerprint(config: dict, sigma: float, method: str, budget: float, seed: int, fp32_sha: str, data_sha: str,
                 cache_meta: dict | None) -> dict:
     """What a search checkpoint must match to be resumed."""
-    return {"search_hash": config_hash(search_settings(config)),
-            "sigma": sigma, "method": method, "budget_pct": budget, "fp32_sha256": fp32_sha, "data_sha256": data_sha,
+    return {"search_hash": config_hash(search_settings(config)), "sigma": sigma, "method": method,
+            "budget_pct": budget, "seed": seed, "fp32_sha256": fp32_sha, "data_sha256": data_sha,
             "cache_model": (cache_meta or {}).get("model_sha256")}
 
 
@@ -81,39 +89,40 @@ def learning_curve(rows: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path: str | Path, data,
+def run_search(config: dict, sigma: float, method: str, budget: float, seed: int, fp32_path: str | Path, data,
                cache_path: str | Path | None, out_csv: str | Path, out_policy: str | Path, out_png: str | Path,
                state_path: str | Path, device: torch.device, log: Callable = print,
                progress: bool = True) -> dict:
-    """Run (or resume) one search; write the episode CSV, the best policy and the learning curve."""
+    """Run (or resume) one search with one of ``search.seeds``; write the episode CSV, the best policy and the
+    learning curve."""
     from arq.irs import NOISE_SCHEME, Cache
-    from arq.smoothing import subset_positions
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+    if seed not in config["search"]["seeds"]:
+        raise ValueError(f"seed {seed} is not among the profile's search.seeds {config['search']['seeds']}")
     reward_kind, agent_kind = METHODS[method]
     sc = config["search"]
     start = time.perf_counter()
     fp32, meta = models.load_for_stage(fp32_path, config, sigma, "fp32", log)
     fp32_sha, data_sha = sha256_file(fp32_path), data.manifest["file_sha256"]
     cache = None
-    if reward_kind == "arq" or cache_path is not None:
+    if reward_kind == "arq":
         if cache_path is None:
             raise ValueError(f"the {method} search needs the FP32 model's IRS cache")
         cache = Cache.load(cache_path, {"model_sha256": fp32_sha, "data_sha256": data_sha, "device": device.type,
                                         "noise_scheme": NOISE_SCHEME, "split": "val"})
-        pos = cache.idx
-    else:
-        pos = subset_positions(len(data.val), config["irs"]["images"])
-    val = Split(data.val.x[pos], data.val.y[pos])  # the search scores on val only, never on test
+        val = Split(data.val.x[cache.idx], data.val.y[cache.idx])  # the search scores on val only, never on test
+    else:  # HAQ's accuracy reward: its own class-balanced val set
+        val = balanced(data.val, sc["haq_images"])
     train = first_images(data.train, sc["finetune"]["train_images"])
     costs, rules = policy.for_config(config)
-    enforce_budget(cheapest_layers(rules), costs, rules, budget)  # an unreachable budget fails before any work
+    enforce_budget(policy.cheapest_layers(rules), costs, rules, budget)  # an unreachable budget fails before any work
     evaluator = EpisodeEvaluator(fp32, config, sigma, train, val, len(data.manifest["classes"]), device, reward_kind,
-                                 cache)
+                                 seed, cache)
     env = QuantizationEnv(costs, rules, budget, evaluator, sc["act_bits"], sc["fixed_a_bits"])
-    agent = make_agent(agent_kind, env.observation_space.shape[0], len(env.steps), sc)
-    fp = fingerprint(config, sigma, method, budget, fp32_sha, data_sha, cache.meta if cache else None)
+    agent = make_agent(agent_kind, env.observation_space.shape[0], len(env.steps), sc, seed)
+    fp = fingerprint(config, sigma, method, budget, seed, fp32_sha, data_sha, cache.meta if cache else None)
 
     rows, best, first = [], None, 0
     state_path = Path(state_path)
@@ -133,7 +142,8 @@ def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path
             rows, best, first = state["rows"], state["best"], state["episode"]
             log(f"resuming from {state_path} after episode {first} of {sc['episodes']}")
 
-    log(f"search {method} (reward {reward_kind}, agent {agent_kind}) at σ={sigma}, budget {budget}% of FP32 BitOps, "
+    log(f"search {method} (reward {reward_kind}, agent {agent_kind}, seed {seed}) at σ={sigma}, budget {budget}% of "
+        f"FP32 BitOps, "
         f"{len(env.steps)} steps per episode, {sc['episodes']} episodes ({sc['warmup']} warm-up), on {device}")
     bar = None
     if progress:
@@ -152,12 +162,12 @@ def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path
                 break
         layers = info["layers"]
         t0 = time.perf_counter()
+        losses = []
         if agent.learns:
             observations, actions = env.trajectory(layers)
             agent.remember(observations, actions, reward)
             if episode >= sc["warmup"]:
-                for _ in range(len(actions)):
-                    agent.update()
+                losses = [agent.update() for _ in range(len(actions))]
         t_agent += time.perf_counter() - t0
         if best is None or reward > best["reward"]:
             best = {"episode": episode + 1, "reward": reward, "layers": layers, "bitops_pct": info["bitops_pct"],
@@ -168,6 +178,7 @@ def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path
                "bitops_pct": round(info["bitops_pct"], 6),
                "w_bits": "/".join(str(layers[n]["w_bits"]) for n in names),
                "a_bits": "/".join(str(layers[n]["a_bits"]) for n in names),
+               **learning(agent, episode, losses),
                **{f"seconds_{k}": round(v, 3) for k, v in info["seconds"].items()}, "seconds_agent": round(t_agent, 3)}
         rows.append(row)
         torch_save({"format": FORMAT, "fingerprint": fp, "episode": episode + 1, "agent": agent.state_dict(),
@@ -183,10 +194,10 @@ def run_search(config: dict, sigma: float, method: str, budget: float, fp32_path
     _write_csv(Path(out_csv), rows)
     seconds = {c: round(sum(r[c] for r in rows) / len(rows), 3) for c in TIME_COLUMNS}
     doc = policy.make(best["layers"], costs, rules, f"search {method}", method=method, reward_kind=reward_kind,
-                      agent=agent_kind, sigma=sigma, budget_pct=budget, episodes=len(rows), episode=best["episode"],
+                      agent=agent_kind, sigma=sigma, budget_pct=budget, seed=seed, episodes=len(rows), episode=best["episode"],
                       reward=best["reward"], **{k: best[k] for k in ("acr", "acr_fp32", "top1", "top1_fp32")
                                                  if k in best},
                       seconds_per_episode=seconds, **provenance(config, device, time.perf_counter() - start))
     policy.save(out_policy, doc)
-    learning_curve(rows, Path(out_png), f"{method} search, σ={sigma}, budget {budget}% BitOps")
+    learning_curve(rows, Path(out_png), f"{method} search, σ={sigma}, budget {budget}% BitOps, seed {seed}")
     return doc

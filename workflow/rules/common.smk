@@ -59,8 +59,8 @@ class Unrecorded:
 RUN = {"arq": Unrecorded(ARQ), "config": Unrecorded(RESOLVED_CONFIG)}
 
 # Model names and file layout: arq/layout.py (shared with the report regeneration and the DVC artifact commands).
-QUANT_METHOD = r"[a-z]+_[a-z0-9.]+"
-SEARCHED = layout.searched(config)  # e.g. arq_b1.5
+QUANT_METHOD = r"[a-z]+_[a-z0-9.]+_s[0-9]+"  # a quantized model: method and seed, e.g. arq_b1.0_s2
+SEARCHED = layout.searched(config)  # e.g. arq_b1.0_s0
 METHODS = layout.methods(config)
 # Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
 IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
@@ -72,6 +72,7 @@ wildcard_constraints:
     a=r"[2-8]",
     search=r"arq|haq|random",
     budget=r"[0-9]+\.[0-9]+",
+    seed=r"[0-9]+",
 
 
 def policy_path(wildcards):
