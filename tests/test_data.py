@@ -396,3 +396,50 @@ def test_real_offline_copy(real_cifar):
     assert record["kind"] == "folder-archive"
     sums = (Path(record["path"]).parent / "SHA256SUMS").read_text()
     assert record["sha256"] in sums
+
+
+# ------------------------------------------------------------------------------------------ class-balanced subsets
+
+def _class_sorted_labels(per_class=(500, 480, 520, 500, 490, 510, 505, 495, 500, 500)):
+    """Labels in class order with unequal class sizes, as the val split of the folder source is kept."""
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+
+
+@pytest.mark.parametrize("k", [10, 50, 103, 1000])
+def test_a_balanced_subset_takes_every_class_equally(k):
+    y = _class_sorted_labels()
+    pos = data.balanced_positions(y, k)
+    counts = torch.bincount(y[pos], minlength=10)
+    assert len(pos) == k and counts.max() - counts.min() <= 1
+    assert torch.equal(pos, pos.sort().values) and len(set(pos.tolist())) == k
+    assert data.balanced_positions(y, k).tolist() == pos.tolist()  # deterministic
+    # the head of the split, what used to be taken, is one or two classes
+    assert len(torch.unique(y[:k])) <= 3
+
+
+def test_a_second_balanced_subset_after_a_skip_is_disjoint_from_the_first():
+    y = _class_sorted_labels()
+    first = set(data.balanced_positions(y, 100).tolist())
+    second = data.balanced_positions(y, 100, skip=10)
+    assert not first & set(second.tolist())
+    assert torch.bincount(y[second], minlength=10).tolist() == [10] * 10
+
+
+def test_a_balanced_subset_larger_than_a_class_allows_is_an_error_naming_the_class():
+    y = _class_sorted_labels((5, 50))
+    with pytest.raises(ValueError, match="needs 10 of class 0 .* only 5"):
+        data.balanced_positions(y, 20)
+    assert data.balanced_positions(y, None).tolist() == list(range(55))
+
+
+def test_every_val_subset_a_stage_takes_is_class_balanced():
+    """Training and finetune logs, the IRS cache (the ARQ reward's images) and HAQ's reward set all take their val
+    images through data.balanced (the search's own test is in test_search.py)."""
+    from arq import irs, train
+
+    split = data.Split(torch.zeros(5000, 3, 32, 32, dtype=torch.uint8), _class_sorted_labels())
+    prepared = data.Prepared(split, split, split, torch.arange(5000), {"classes": CLASSES})
+    pos, _, y = irs._val_subset(prepared, 50)
+    assert torch.bincount(y, minlength=10).tolist() == [5] * 10
+    source = Path(train.__file__).read_text()  # the training and finetune val logs
+    assert "first_images(data.val" not in source and source.count("balanced(data.val") == 2

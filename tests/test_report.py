@@ -609,3 +609,64 @@ def test_each_budget_of_a_sweep_has_its_own_style_and_one_budget_keeps_the_famil
     assert style("arq_b1.5", sweep)["color"] == style("arq_b3.0", sweep)["color"]
     assert style("arq_b1.5", [1.5]) == style("arq_b1.5")
     assert style("haq_b1.5")["marker"] != style("arq_b1.5")["marker"]
+
+
+@pytest.fixture
+def seeded(tmp_path, results):
+    """FP32 plus ARQ at σ=0.25 with two seeds on the same images: seed 0 certifies ROWS_025_B, seed 1 ROWS_025."""
+    summaries, tsvs = results
+    d = tmp_path / "certify"
+    policies = []
+    for seed, (rows, w) in enumerate(((ROWS_025_B, 4), (ROWS_025, 3))):
+        name = f"arq_b1.5_s{seed}"
+        s = json.loads(_write_summary(d / f"{name}_sigma0.25.json", 0.25, rows).read_text())
+        s.update(method=name, bitops_pct=1.4 + 0.1 * seed)
+        (d / f"{name}_sigma0.25.json").write_text(json.dumps(s))
+        summaries.append(str(d / f"{name}_sigma0.25.json"))
+        tsvs.append(str(_write_tsv(d / f"{name}_sigma0.25.tsv", rows)))
+        policies.append(str(_policy(tmp_path / f"{name}_sigma0.25.json", name, w, w)))
+    return summaries, tsvs, policies
+
+
+def test_a_method_with_several_seeds_is_their_mean_with_sd_and_per_seed_rows(seeded, tmp_path, smoke_config):
+    summaries, tsvs, policies = seeded
+    smoke_config["report"].update(radii=RADII, bootstrap=2000, seed=0)
+    out = report.outputs(tmp_path / "report", tmp_path / "fig", searches=False)
+    tables = report.run(smoke_config, summaries, tsvs, policies, [], out, _cache(tmp_path) + _cache(tmp_path, 0.5))
+    main = tables["main"].set_index(["sigma", "method"])
+    arq = main.loc[(0.25, "arq_b1.5")]
+    # seed 0: 2 of 6 correct, ACR 0.5/6; seed 1: 4 of 6, ACR 0.9/6 (worked out by hand from the rows)
+    assert arq["seeds"] == 2 and arq["clean"] == pytest.approx(3 / 6)
+    assert arq["clean_sd"] == pytest.approx(np.std([2 / 6, 4 / 6], ddof=1))
+    assert arq["ACR"] == pytest.approx(0.7 / 6) and arq["ACR_sd"] == pytest.approx(np.std([0.5 / 6, 0.9 / 6], ddof=1))
+    assert arq["bitops_pct"] == pytest.approx(1.45)  # the seeds' policies differ in cost: their mean
+    assert arq["clean_lo"] <= arq["clean"] <= arq["clean_hi"] and arq["ACR_lo"] <= arq["ACR"] <= arq["ACR_hi"]
+    assert 3 < arq["w_bits"] < 4.2  # the mean of a W4A4 and a W3A3 policy (pinned layers at 8)
+    # the CSV keeps each seed's row and the across-seed row (seed empty)
+    csv = pd.read_csv(out["table_csv"])
+    rows = csv[(csv["method"] == "arq_b1.5") & (csv["sigma"] == 0.25)]
+    assert rows["seed"].tolist()[:2] == [0, 1] and np.isnan(rows["seed"].tolist()[2])
+    assert rows["clean"].tolist() == pytest.approx([2 / 6, 4 / 6, 3 / 6], rel=1e-5)
+    assert rows["seeds"].tolist() == [1, 1, 2]
+    # paired against FP32 over both seeds: the hierarchical bootstrap, also for accuracies
+    t = tables["tests"].set_index(["method", "vs", "measure"]).loc[("arq_b1.5", "FP32")]
+    assert set(t["test"]) == {"paired hierarchical bootstrap"} and (t["seeds"] == 2).all()
+    assert t.loc["clean", "diff"] == pytest.approx(((2 - 4) / 6 + 0) / 2)
+    assert t.loc["ACR", "diff"] == pytest.approx(((0.5 - 0.9) / 6 + 0) / 2)
+    md = Path(out["table_md"]).read_text()
+    assert "| method | seeds |" in md and "ACR SD" in md and "hierarchical bootstrap" in md
+    assert json.loads(Path(out["metrics"]).read_text())["arq_b1.5_sigma0.25"]["ACR"] == pytest.approx(0.7 / 6, 1e-5)
+
+
+def test_one_seed_gives_exactly_the_single_model_row(comparison, seeded, tmp_path, smoke_config):
+    """A one-seed method (named with its seed) gets the same numbers as before seeds existed."""
+    smoke_config["report"].update(radii=RADII, bootstrap=2000, seed=0)
+    old = report.run(smoke_config, *comparison, [], report.outputs(tmp_path / "a", tmp_path / "fa", searches=False),
+                     _cache(tmp_path) + _cache(tmp_path, 0.5))["main"]
+    summaries, tsvs, policies = seeded
+    keep = [i for i, s in enumerate(summaries) if "_s1_" not in s]
+    new = report.run(smoke_config, [summaries[i] for i in keep], [tsvs[i] for i in keep], policies[:1],
+                     [], report.outputs(tmp_path / "b", tmp_path / "fb", searches=False),
+                     _cache(tmp_path) + _cache(tmp_path, 0.5))["main"]
+    cols = ["clean", "clean_lo", "clean_hi", "r=0.25", "r=0.25_lo", "ACR", "ACR_lo", "ACR_hi", "abstain"]
+    assert np.allclose(old[cols].to_numpy(float), new[cols].to_numpy(float))

@@ -203,6 +203,22 @@ def test_exploration_after_warmup_stays_in_range_and_narrows():
     assert late.std() < 0.25 * early.std()
 
 
+@pytest.mark.parametrize("episodes, warmup", [(100, 20), (600, 20), (30, 5), (22, 20)])
+def test_exploration_decays_to_its_final_value_at_the_last_episode(episodes, warmup):
+    agent = DDPG(2, 1, DDPGSettings(warmup=warmup, episodes=episodes, init_delta=0.5, delta_final=0.05), seed=0)
+    assert agent.delta(warmup) == pytest.approx(0.5)  # the first learned episode explores at δ₀
+    assert agent.delta(episodes - 1) == pytest.approx(0.05)  # the last one at the configured final value
+    deltas = [agent.delta(e) for e in range(warmup, episodes)]
+    assert all(a > b for a, b in zip(deltas, deltas[1:]))  # geometric, strictly decreasing
+
+
+def test_haqs_fixed_decay_stays_selectable():
+    agent = DDPG(2, 1, DDPGSettings(warmup=20, episodes=100, delta_final=None), seed=0)
+    assert agent.delta(20) == pytest.approx(0.5)
+    assert agent.delta(99) == pytest.approx(0.5 * 0.99 ** 79)  # .226: still wide at the last of 100 episodes
+    assert DDPG(2, 1, DDPGSettings(warmup=20, episodes=600, delta_final=None), seed=0).delta(599) < 0.002
+
+
 # ------------------------------------------------------------------------------------------ rewards and the stage
 
 class Forbidden:
@@ -309,6 +325,33 @@ def test_a_search_writes_its_csv_policy_and_curve_without_the_test_split(search_
     assert policy.load(tmp_path / method / "policy.json", rules, costs)["layers"] == doc["layers"]
     assert (tmp_path / method / "curve.png").read_bytes().startswith(b"\x89PNG")
     assert ("acr" in doc) == (method != "haq") and ("top1" in doc) == (method == "haq")
+    # HAQ logs the exploration σ and the agent's losses per episode; so do we (empty in warm-up and for random)
+    learned = [r for r in rows if int(r["episode"]) > cfg["search"]["warmup"]]
+    for r in rows:
+        assert {"delta", "critic_loss", "actor_loss"} <= set(r)
+        assert (r in learned and method != "random") == (r["delta"] != "" and r["critic_loss"] != "")
+    if method != "random":
+        assert float(learned[0]["delta"]) == pytest.approx(cfg["search"]["ddpg"]["init_delta"])
+        assert float(learned[-1]["delta"]) == pytest.approx(cfg["search"]["ddpg"]["delta_final"])
+
+
+def test_haqs_reward_scores_its_own_class_balanced_val_set(search_setup, tmp_path, monkeypatch):
+    """HAQ's accuracy reward used to move in 2-point steps on the 50 images of the IRS cache; it now has its own
+    class-balanced set of search.haq_images."""
+    from arq.search import run as search_run
+
+    seen = {}
+    real = search_run.EpisodeEvaluator
+
+    def spy(fp32, config, sigma, train, val, *args, **kwargs):
+        seen["y"] = val.y.clone()
+        return real(fp32, config, sigma, train, val, *args, **kwargs)
+
+    monkeypatch.setattr(search_run, "EpisodeEvaluator", spy)
+    cfg = search_setup[0]
+    _search(search_setup, tmp_path / "haq", "haq")
+    counts = torch.bincount(seen["y"], minlength=10)
+    assert len(seen["y"]) == cfg["search"]["haq_images"] and counts.max() - counts[counts > 0].min() <= 1
 
 
 class Interrupt(Exception):

@@ -103,3 +103,31 @@ def test_mean_certified_radius_converges_to_the_true_radius():
         assert 0.7 * predicted < gap < 1.5 * predicted, (n, gap, predicted)
     # and at n = 1e5 the certified radius is within 2.5% of the true one
     assert gaps[-1] < 0.025 * true_radius
+
+
+def test_the_hierarchical_bootstrap_with_one_seed_is_the_image_bootstrap():
+    from arq.report import stats
+
+    values = np.random.default_rng(1).random(200)
+    # the plain image bootstrap, written out
+    idx = np.random.default_rng(7).integers(0, 200, size=(5000, 200))
+    means = values[idx].mean(1)
+    tail = (1 - 0.95) / 2
+    expected = (np.quantile(means, tail), np.quantile(means, 1 - tail))
+    assert stats.bootstrap_mean(values, 5000, 7) == expected
+    assert stats.bootstrap_mean(values[None, :], 5000, 7) == expected  # a one-row seeds × images table
+    other = np.random.default_rng(2).random(200)
+    assert stats.paired_bootstrap(values, other, 5000, 7) == stats.paired_bootstrap(values[None], other[None], 5000, 7)
+
+
+def test_the_hierarchical_bootstrap_resamples_seeds_too():
+    """Two seeds whose means differ by 0.4 on identical images: the image bootstrap alone would see no spread, the
+    hierarchical one sees the seeds' (resamples draw seed 0 twice, seed 1 twice, or one of each)."""
+    from arq.report import stats
+
+    table = np.vstack([np.full(100, 0.3), np.full(100, 0.7)])
+    means = stats.hierarchical_means(table, 4000, 0)
+    assert set(np.round(np.unique(means), 6)) == {0.3, 0.5, 0.7}
+    assert abs(np.isclose(means, 0.5).mean() - 0.5) < 0.03
+    lo, hi = stats.bootstrap_mean(table, 4000, 0)
+    assert (lo, hi) == (pytest.approx(0.3), pytest.approx(0.7))

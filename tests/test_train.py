@@ -203,3 +203,23 @@ def test_a_corrupt_resume_file_is_set_aside_and_training_restarts(tiny_config, t
     assert (out / "resume.pt.corrupt").exists()
     assert any(l.startswith("epoch 1/2") for l in lines)
     _assert_same_weights(out / "model.pt", tmp_path / "straight" / "model.pt")
+
+
+def test_batchnorm_statistics_are_re_estimated_exactly_on_the_given_batches():
+    """reestimate_bn replaces the running statistics (stale after a few QAT steps) by the exact average over the
+    batches, whatever the momentum, and leaves the model in eval mode."""
+    from torch import nn
+
+    from arq.train import reestimate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(5.0)
+    batches = [torch.randn(8, 3, 6, 6) + 1.0 for _ in range(3)]
+    seen = reestimate_bn(model, batches)
+    with torch.no_grad():
+        acts = torch.cat([model[0](x) for x in batches])
+    assert seen == 24 and not model.training and model[1].momentum == 0.1
+    per_batch = torch.stack([model[0](x).detach().mean((0, 2, 3)) for x in batches])
+    assert torch.allclose(model[1].running_mean, per_batch.mean(0), atol=1e-5)  # equal batches: the overall mean
+    assert torch.allclose(model[1].running_mean, acts.mean((0, 2, 3)), atol=1e-5)
