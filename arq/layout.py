@@ -79,12 +79,13 @@ def seeds(config: dict) -> list[int]:
 
 
 def uniform_tags(config: dict) -> list[str]:
-    """The uniform baselines: ``quant.uniform`` plus, for each budget, the uniform policies with the most BitOps
-    that fit it (ties kept: W3A2 and W2A3 at 0.7%), so every budget has the uniform model it would allow."""
+    """The uniform baselines: ``quant.uniform`` plus, with ``quant.uniform_fit_budgets``, each budget's uniform
+    policies with the most bits that fit it (arq.policy.uniform_within; W3A2 and W2A3 at 0.7%), so every budget has
+    the uniform model it allows."""
     from arq import policy
 
     tags = [t.upper() for t in config["quant"]["uniform"]]
-    if config["search"]["budgets"]:
+    if config["quant"]["uniform_fit_budgets"]:
         costs, rules = policy.for_config(config)
         for b in config["search"]["budgets"]:
             tags += policy.uniform_within(costs, rules, float(b))

@@ -51,14 +51,14 @@ def profile(tmp_path, smoke_config):
 def test_binary_outputs_are_what_the_dag_writes_not_leftovers(tmp_path, smoke_config):
     for rel in ("data/prepared/smoke/cifar10.pt", "results/smoke/models/fp32_sigma0.25/model.pt",
                 "results/smoke/models/fp32_sigma0.25/model.resume.pt", "results/smoke/irs/cache_sigma0.25.pt",
-                "results/smoke/irs/cache_sigma0.25.pt.partial", "results/smoke/search/arq_b1.5_sigma0.25.state.pt",
+                "results/smoke/irs/cache_sigma0.25.pt.partial", "results/smoke/search/arq_b1.5_s0_sigma0.25.state.pt",
                 "results/smoke/models/fp32_sigma0.5/model.pt",  # a σ the profile no longer lists
                 "results/smoke/certify/fp32_sigma0.25.json", "results/cpu/models/fp32_sigma0.25/model.pt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert [str(p) for p in layout.binary_outputs(smoke_config, tmp_path)] == [
         "data/prepared/smoke/cifar10.pt", "results/smoke/models/fp32_sigma0.25/model.pt",
-        "results/smoke/irs/cache_sigma0.25.pt", "results/smoke/search/arq_b1.5_sigma0.25.state.pt"]
+        "results/smoke/irs/cache_sigma0.25.pt", "results/smoke/search/arq_b1.5_s0_sigma0.25.state.pt"]
 
 
 def test_paths_outside_the_repository_are_a_clear_error(tmp_path, smoke_config):
@@ -169,9 +169,10 @@ def test_identical_content_gives_identical_objects(tmp_path, smoke_config):
 # -------------------------------------------------------------------- the report from committed text results
 
 def test_the_committed_cpu_tables_regenerate_byte_for_byte(tmp_path, monkeypatch):
-    """What CI checks: every table of the committed cpu comparison comes back identical from its text results."""
+    """What CI checks: every table of the committed cpu comparison (the first one, cpu-v1) comes back identical from
+    its text results."""
     monkeypatch.chdir(REPO)
-    cfg = arq_config.load(REPO / "config" / "cpu.yaml")
+    cfg = arq_config.load(REPO / "config" / "cpu-v1.yaml")
     assert report.check(cfg, tmp_path) == []
     for name in ("certified_accuracy", "bits_per_layer", "acr_vs_bitops", "search_curves"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 10_000
@@ -179,19 +180,19 @@ def test_the_committed_cpu_tables_regenerate_byte_for_byte(tmp_path, monkeypatch
 
 def test_a_table_that_differs_from_its_text_results_fails_the_check(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(REPO / "results" / "cpu", tmp_path / "results" / "cpu")
-    cfg = arq_config.load(REPO / "config" / "cpu.yaml")
-    table = tmp_path / "results" / "cpu" / "report" / "table.md"
+    shutil.copytree(REPO / "results" / "cpu-v1", tmp_path / "results" / "cpu-v1")
+    cfg = arq_config.load(REPO / "config" / "cpu-v1.yaml")
+    table = tmp_path / "results" / "cpu-v1" / "report" / "table.md"
     table.write_text(table.read_text().replace("0.307", "0.407", 1))
     diffs = report.check(cfg, tmp_path / "scratch")
     assert len(diffs) == 1 and "0.407" in diffs[0] and "0.307" in diffs[0]
     from arq.cli import main
 
-    assert main(["regenerate", "--config", str(REPO / "config" / "cpu.yaml"), "--check"]) == 1
+    assert main(["regenerate", "--config", str(REPO / "config" / "cpu-v1.yaml"), "--check"]) == 1
 
 
 def test_regenerating_without_the_text_results_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = arq_config.load(REPO / "config" / "cpu.yaml")
-    with pytest.raises(FileNotFoundError, match=r"profile 'cpu' lacks 24 text result\(s\) the report reads, e.g. .*certify/fp32_sigma0.25.json"):
+    cfg = arq_config.load(REPO / "config" / "cpu-v1.yaml")
+    with pytest.raises(FileNotFoundError, match=r"profile 'cpu-v1' lacks 24 text result\(s\) the report reads, e.g. .*certify/fp32_sigma0.25.json"):
         report.regenerate(cfg)

@@ -68,13 +68,15 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     # three searches (arq, haq, random) per σ at the one budget, each finetuned and certified,
     # HAWQ (one Hessian per σ, one allocation per σ and budget), each finetuned and certified,
     # and IRS: one FP32 cache per σ, each quantized model certified incrementally against it
-    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 2, "search": 9, "hessian": 3,
-                      "allocate_hawq": 3, "finetune": 18, "certify": 21, "irs_cache": 3, "certify_incremental": 18,
-                      "report": 1, "total": 83}
+    # plus, at the 1.5% budget, the uniform policies with the most bits that fit it (W4A3 and W3A4)
+    assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 4, "search": 9, "hessian": 3,
+                      "allocate_hawq": 3, "finetune": 24, "certify": 27, "irs_cache": 3, "certify_incremental": 24,
+                      "report": 1, "total": 102}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
-        for method in ("fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "arq_b1.5", "haq_b1.5", "random_b1.5"):
-            assert f"results/paper/certify/{method}_sigma{sigma}.tsv" in out
+        for model in ("fp32", "uniform_w8a8_s0", "uniform_w4a4_s0", "uniform_w4a3_s0", "uniform_w3a4_s0",
+                      "hawq_b1.5_s0", "arq_b1.5_s0", "haq_b1.5_s0", "random_b1.5_s0"):
+            assert f"results/paper/certify/{model}_sigma{sigma}.tsv" in out
     assert "results/paper/policies/uniform_w4a4.json" in out
     # the dry run states the profile's cost before anything runs, the searches and IRS included
     estimate = re.search(r"\[arq\] profile 'paper' on this CPU \(1 threads?\): about .*", out)
@@ -97,10 +99,10 @@ def test_dry_run_with_a_configfile_where_the_default_one_is_absent(tmp_path):
     r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train_base"] == 1 and counts["search"] == 3 and counts["finetune"] == 6 and counts["certify"] == 7
+    assert counts["train_base"] == 1 and counts["search"] == 3 and counts["finetune"] == 8 and counts["certify"] == 9
     assert counts["hessian"] == 1 and counts["allocate_hawq"] == 1
-    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 6
-    assert counts["total"] == 31  # + prepare_data, uniform ×2, report, all
+    assert counts["irs_cache"] == 1 and counts["certify_incremental"] == 8
+    assert counts["total"] == 39  # + prepare_data, uniform ×4 (W8A8, W4A4, and W4A3, W3A4 for 1.5%), report, all
 
 
 def test_invalid_profile_stops_snakemake_naming_the_key(tmp_path):
@@ -214,9 +216,11 @@ def test_smoke_report_and_figures(smoke_run):
     assert md.startswith("# Method comparison (profile smoke)") and "Paired differences, method − reference" in md
     main = pd.read_csv(report / "table.csv")
     # references first, then the baselines, the control and ARQ
-    assert main["method"].tolist() == ["fp32", "uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "haq_b1.5",
-                                       "random_b1.5", "arq_b1.5"]
-    assert main["name"].tolist() == ["FP32", "Uniform W8A8", "Uniform W4A4", "HAWQ-V3", "HAQ", "Random search", "ARQ"]
+    assert main["method"].tolist() == ["fp32", "uniform_w8a8", "uniform_w4a4", "uniform_w4a3", "uniform_w3a4",
+                                       "hawq_b1.5", "haq_b1.5", "random_b1.5", "arq_b1.5"]
+    assert main["name"].tolist() == ["FP32", "Uniform W8A8", "Uniform W4A4", "Uniform W4A3", "Uniform W3A4",
+                                     "HAWQ-V3", "HAQ", "Random search", "ARQ"]
+    assert main["seed"].tolist()[1:] == [0] * 8 and (main["seeds"] == 1).all()  # one seed: no across-seed rows
     bitops = main["bitops_pct"].tolist()
     assert bitops[0] == 100.0 and bitops[1] == 6.25 and 1.5 < bitops[2] < 1.7
     assert all(b <= 1.5 for b in bitops[3:])  # every searched and allocated policy within the budget
@@ -225,15 +229,15 @@ def test_smoke_report_and_figures(smoke_run):
     tests = pd.read_csv(report / "tests.csv")
     assert set(tests["vs"]) == {"ARQ", "FP32"} and (tests["p"].between(0, 1)).all()
     assert not (tests["method"] == "fp32").any()  # FP32 is a reference only
-    assert set(tests[tests["vs"] == "ARQ"]["method"]) == {"uniform_w8a8", "uniform_w4a4", "hawq_b1.5", "haq_b1.5",
-                                                          "random_b1.5"}
+    assert set(tests[tests["vs"] == "ARQ"]["method"]) == {"uniform_w8a8", "uniform_w4a4", "uniform_w4a3",
+                                                          "uniform_w3a4", "hawq_b1.5", "haq_b1.5", "random_b1.5"}
     tex = (report / "table.tex").read_text()
     assert tex.startswith("\\begin{table}") and tex.isascii()
     policy_seconds = main.set_index("method")["policy_seconds"]
     assert policy_seconds["uniform_w4a4"] == 0 and policy_seconds["hawq_b1.5"] > 0
     # the certified-reward searches also pay for the FP32 IRS cache they score against
     cache = json.loads((workdir / "results" / "smoke" / "irs" / "cache_sigma0.25.json").read_text())
-    arq_policy = json.loads((workdir / "results" / "smoke" / "policies" / "arq_b1.5_sigma0.25.json").read_text())
+    arq_policy = json.loads((workdir / "results" / "smoke" / "policies" / "arq_b1.5_s0_sigma0.25.json").read_text())
     episodes = sum(arq_policy["seconds_per_episode"].values()) * arq_policy["episodes"]
     assert policy_seconds["arq_b1.5"] == pytest.approx(episodes + cache["wall_seconds"], rel=1e-4)
     for stem in ("certified_accuracy", "bits_per_layer", "acr_vs_bitops", "search_curves"):
@@ -371,14 +375,14 @@ def test_reviewer_clone_has_nothing_to_do_and_a_deleted_table_reruns_only_the_re
 @pytest.mark.e2e
 def test_reviewer_clone_refuses_to_recompute_a_missing_tracked_file(reviewer):
     origin, clone, *_ = reviewer
-    model = clone / "results" / "smoke" / "models" / "arq_b1.5_sigma0.25" / "model.pt"
+    model = clone / "results" / "smoke" / "models" / "arq_b1.5_s0_sigma0.25" / "model.pt"
     kept = model.read_bytes()
     model.unlink()
     try:
         r = _clone_snakemake(clone, "-n")
         assert r.returncode != 0
         out = r.stdout + r.stderr
-        assert "1 file(s) tracked by DVC are missing, e.g. results/smoke/models/arq_b1.5_sigma0.25/model.pt" in out
+        assert "1 file(s) tracked by DVC are missing, e.g. results/smoke/models/arq_b1.5_s0_sigma0.25/model.pt" in out
         assert "arq artifacts pull config/smoke-ci.yaml" in out
     finally:
         model.write_bytes(kept)
@@ -417,9 +421,10 @@ def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
     metrics = json.loads(shown.stdout)  # stderr: the profiles not run here (paper) are absent
     smoke = metrics[""]["data"]["results/smoke/report/metrics.json"]["data"]
     assert set(smoke) == {"fp32_sigma0.25", "uniform_w8a8_sigma0.25", "uniform_w4a4_sigma0.25",
-                          "hawq_b1.5_sigma0.25", "haq_b1.5_sigma0.25", "random_b1.5_sigma0.25", "arq_b1.5_sigma0.25"}
+                          "uniform_w4a3_sigma0.25", "uniform_w3a4_sigma0.25", "hawq_b1.5_sigma0.25",
+                          "haq_b1.5_sigma0.25", "random_b1.5_sigma0.25", "arq_b1.5_sigma0.25"}
     assert smoke["fp32_sigma0.25"]["bitops_pct"] == 100.0 and 0 <= smoke["arq_b1.5_sigma0.25"]["ACR"] <= 1
-    assert "results/cpu/report/metrics.json" in metrics[""]["data"]  # the committed comparison is listed too
+    assert "results/cpu-v1/report/metrics.json" in metrics[""]["data"]  # the committed comparison is listed too
     _sh(clone, sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots")
     html = (clone / "dvc_plots" / "index.html").read_text()
     assert "certified accuracy (smoke)" in html
@@ -523,13 +528,13 @@ def test_smoke_uniform_arm(smoke_run):
         assert policy["architecture"] == "resnet20" and policy["produced_by"] == f"uniform W{bits}A{bits}"
         assert policy["layers"]["layer2.0.conv1"] == {"w_bits": bits, "a_bits": bits}
         assert policy["layers"]["conv1"] == {"w_bits": 8, "a_bits": 8}  # pinned
-        d = results / "models" / f"{method}_sigma0.25"
+        d = results / "models" / f"{method}_s0_sigma0.25"
         model, meta = models.load_checkpoint(d / "model.pt", "resnet20")
-        assert meta["policy"]["layers"] == policy["layers"] and meta["method"] == method
+        assert meta["policy"]["layers"] == policy["layers"] and meta["method"] == f"{method}_s0"
         assert model.layer2[0].conv1.w_bits == bits and model.layer2[0].conv1.act.calibrated
         assert len((d / "finetune.csv").read_text().splitlines()) == 1 + cfg["finetune"]["epochs"]
-        summary = json.loads((results / "certify" / f"{method}_sigma0.25.json").read_text())
-        assert summary["method"] == method and summary["bitops_pct"] == policy["bitops_pct"]
+        summary = json.loads((results / "certify" / f"{method}_s0_sigma0.25.json").read_text())
+        assert summary["method"] == f"{method}_s0" and summary["bitops_pct"] == policy["bitops_pct"]
         assert SUMMARY_KEYS <= set(summary) and summary["images"] == cfg["certify"]["max_images"]
 
 
@@ -541,7 +546,7 @@ def test_smoke_incremental_certification(smoke_run):
     ic = cfg["irs"]
     cache = json.loads((irs_dir / "cache_sigma0.25.json").read_text())
     assert cache["images"] == ic["images"] and cache["n"] == ic["n"]
-    for method in ("uniform_w8a8", "uniform_w4a4"):
+    for method in ("uniform_w8a8_s0", "uniform_w4a4_s0"):
         s = json.loads((irs_dir / f"{method}_sigma0.25.json").read_text())
         assert s["method"] == method and s["images"] == ic["images"]
         assert s["confidence"] == pytest.approx(1 - (ic["alpha"] + ic["alpha_zeta"]))
@@ -564,7 +569,7 @@ def test_smoke_searches(smoke_run):
     workdir, cfg = _check_ran(smoke_run)
     results = workdir / "results" / "smoke"
     for method in ("arq", "haq", "random"):
-        name = f"{method}_b1.5"
+        name = f"{method}_b1.5_s0"
         with open(results / "search" / f"{name}_sigma0.25.csv") as f:
             rows = list(csv_module.DictReader(f))
         assert [int(r["episode"]) for r in rows] == list(range(1, cfg["search"]["episodes"] + 1))
@@ -589,8 +594,8 @@ def test_smoke_hawq(smoke_run):
     doc = json.loads((results / "policies" / "hawq_b1.5_sigma0.25.json").read_text())
     assert doc["produced_by"] == "hawq-v3" and doc["bitops_pct"] <= 1.5 and doc["status"] == "Optimal"
     assert all(v["w_bits"] == v["a_bits"] for v in doc["layers"].values())
-    summary = json.loads((results / "certify" / "hawq_b1.5_sigma0.25.json").read_text())
-    assert summary["method"] == "hawq_b1.5" and summary["bitops_pct"] == pytest.approx(doc["bitops_pct"])
+    summary = json.loads((results / "certify" / "hawq_b1.5_s0_sigma0.25.json").read_text())
+    assert summary["method"] == "hawq_b1.5_s0" and summary["bitops_pct"] == pytest.approx(doc["bitops_pct"])
 
 
 # ----------------------------------------------------------- after the run: logs, refusals that lose nothing
