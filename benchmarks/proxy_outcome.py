@@ -52,6 +52,7 @@ PROXIES = {
     "qat32_lr0.01_bn": ({"steps": 32, "lr": 0.01, "bn_images": 1024}, {}, {}, "arq"),
     "bn_cohen": ({"bn_images": 1024}, {"certifier": "cohen"}, {}, "arq"),
     "bn_100img": ({"bn_images": 1024}, {}, {"images": 100}, "arq"),
+    "distill_bn": ({"distill": True, "bn_images": 1024}, {}, {}, "arq"),
     "haq_1000img": ({}, {}, {}, "haq"),
 }
 DESCRIPTIONS = {
@@ -60,6 +61,7 @@ DESCRIPTIONS = {
     "qat32_lr0.01_bn": "32 QAT steps at lr 0.01 (the final recipe's rate) + BatchNorm re-estimation",
     "bn_cohen": "bn, with Cohen's CERTIFY at the same sample count instead of IRS",
     "bn_100img": "bn, with the IRS reward on 100 val images instead of {images}",
+    "distill_bn": "bn, the QAT steps distilled to the FP32 model's outputs (the agreement IRS rewards)",
     "haq_1000img": "HAQ's reward (clean top-1 on 1,000 class-balanced val images) after today's finetune",
 }
 
@@ -287,8 +289,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--budget", type=float, default=1.0, help="BitOps budget, %% of FP32")
-    ap.add_argument("--pool", type=int, default=36, help="policies scored by today's proxy")
-    ap.add_argument("--policies", type=int, default=12, help="of them, at evenly spaced ranks, taken to the outcome")
+    ap.add_argument("--pool", type=int, default=42, help="policies scored by today's proxy")
+    ap.add_argument("--policies", type=int, default=14, help="of them, at evenly spaced ranks, taken to the outcome")
     ap.add_argument("--outcome-images", type=int, default=100, help="class-balanced val images, none in a reward set")
     ap.add_argument("--outcome-n", type=int, default=2000, help="CERTIFY samples per outcome image")
     ap.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples of the ρ interval")
