@@ -28,13 +28,16 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     def count(k, full):
         return min(k or full, full)
 
+    from arq.layout import uniform_tags
+
     k = len(config["sigmas"])
-    q = len(config["quant"]["uniform"])
+    q = len(uniform_tags(config))
     train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
                                + count(t["val_images"], sizes["val"]) / rate["infer"])
     sc, ic = config["search"], config["irs"]
     hc = config["hawq"]
-    models_q = q + (len(sc["methods"]) + hc["enabled"]) * len(sc["budgets"])  # per σ: uniform, searched, HAWQ
+    seeds = len(sc["seeds"])  # every quantized model is finetuned and certified once per seed
+    models_q = seeds * (q + (len(sc["methods"]) + hc["enabled"]) * len(sc["budgets"]))  # per σ
     finetune = k * models_q * f["epochs"] * (
         count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
         + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
@@ -42,11 +45,13 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     certify = k * one_certify * (1 + models_q * QUANT_SLOWDOWN["infer"])
     irs_images = count(ic["images"], sizes["val"])
     irs = k * irs_images * ((ic["n0"] + ic["n"]) + models_q * ic["n_p"] * QUANT_SLOWDOWN["infer"]) / rate["infer"]
-    episode = (config["quant"]["calibration"]["images"] * QUANT_SLOWDOWN["infer"] / rate["infer"]
+    episode = ((config["quant"]["calibration"]["images"] + sc["finetune"]["bn_images"]) * QUANT_SLOWDOWN["infer"]
+               / rate["infer"]
                + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"])
-    certified_reward = irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"]  # arq, random; haq: ~0
-    search = k * len(sc["budgets"]) * sc["episodes"] * sum(
-        episode + (certified_reward if m != "haq" else 0.0) for m in sc["methods"])
+    certified_reward = irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"]  # arq, random
+    accuracy_reward = count(sc["haq_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"]  # haq
+    search = k * len(sc["budgets"]) * seeds * sc["episodes"] * sum(
+        episode + (certified_reward if m != "haq" else accuracy_reward) for m in sc["methods"])
     # a Hessian-vector product costs about two training passes over the images, per probe
     hawq = k * hc["enabled"] * hc["max_iterations"] * hc["probes"] * 2 * min(hc["images"], sizes["train"]) / rate["train"]
     return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search, "hawq": hawq,
