@@ -35,7 +35,8 @@ from arq import data as data_mod
 from arq import irs, models, policy
 from arq.config import load as load_config
 from arq.io import git_commit
-from arq.smoothing import Engine, Smooth, image_generator, subset_positions, to_unit
+from arq.data import balanced_positions
+from arq.smoothing import Engine, Smooth, image_generator, to_unit
 from arq.train import quantize_for_finetune
 from reference import plain_counts, synchronize, timed
 
@@ -232,7 +233,7 @@ def run_irs(args) -> None:
     sigma = float(meta["sigma"])
     engine = Engine(channels_last=True, compile=args.compile, dtype=args.dtype)
     alpha, alpha_zeta = args.alpha, args.alpha_zeta
-    pos = subset_positions(len(data.val), args.images)
+    pos = balanced_positions(data.val.y, args.images)  # the val split is in class order: balance it
     x, y, idx = to_unit(data.val.x[pos]), data.val.y[pos], pos.tolist()
     print(f"device {_device_name(dev, args.threads)}, torch {torch.__version__}, engine {engine.describe()}\n"
           f"σ={sigma}, {len(pos)} val images, cache n={args.n}, α=α_ζ={alpha}, γ={args.gamma}; "

@@ -29,11 +29,11 @@ from scipy.stats import spearmanr
 
 from arq import cost, irs, models, policy
 from arq.config import load as load_config
-from arq.data import Split, load_prepared
+from arq.data import Split, balanced_positions, load_prepared
 from arq.io import device_name, git_commit
 from arq.search.constraint import enforce_budget
 from arq.search.evaluate import EpisodeEvaluator, cohen_acr
-from arq.smoothing import Engine, subset_positions, to_unit
+from arq.smoothing import Engine, to_unit
 from arq.train import first_images
 
 
@@ -50,7 +50,7 @@ def setup(args):
     if args.cache and Path(args.cache).exists():
         cache = irs.Cache.load(args.cache)
     else:
-        pos = subset_positions(len(data.val), args.val_images)
+        pos = balanced_positions(data.val.y, args.val_images)  # class-balanced (the split is in class order)
         t0 = time.perf_counter()
         cache = irs.build_cache(Engine.from_config(cfg).prepare(copy.deepcopy(fp32), device),
                                 to_unit(data.val.x[pos]), data.val.y[pos], pos.tolist(), sigma, ic["n0"],
