@@ -71,7 +71,7 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     # plus, at the 1.5% budget, the uniform policies with the most bits that fit it (W4A3 and W3A4)
     assert counts == {"all": 1, "prepare_data": 1, "train_base": 3, "uniform": 4, "search": 9, "hessian": 3,
                       "allocate_hawq": 3, "finetune": 24, "certify": 27, "irs_cache": 3, "certify_incremental": 24,
-                      "report": 1, "total": 102}
+                      "report": 1, "total": 103}
     out = r.stdout + r.stderr
     for sigma in ("0.25", "0.5", "1.0"):
         for model in ("fp32", "uniform_w8a8_s0", "uniform_w4a4_s0", "uniform_w4a3_s0", "uniform_w3a4_s0",
@@ -82,6 +82,29 @@ def test_dry_run_of_the_default_profile_plans_three_sigmas(tmp_path):
     estimate = re.search(r"\[arq\] profile 'paper' on this CPU \(1 threads?\): about .*", out)
     assert estimate and all(stage in estimate.group(0) for stage in ("training", "searches", "HAWQ", "IRS"))
     assert out.count("[arq] profile") == 1
+
+
+def test_dry_run_of_the_cpu_study_plans_every_seed_and_budget(tmp_path):
+    """Seeds are a DAG dimension: three seeds × (three searches at two budgets, HAWQ-V3 at both, and five uniform
+    policies: W8A8, W4A4, and the ones with the most bits within each budget, W3A3 at 1.0%, W3A2 and W2A3 at 0.7%),
+    each finetuned, certified and certified incrementally once per seed; FP32 once."""
+    require_real_archive(ARCHIVE)
+    cfg = yaml.safe_load((REPO / "config" / "cpu.yaml").read_text())
+    cfg["data"]["path"] = str(ARCHIVE)
+    cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "results", "figures", "logs")}
+    config = tmp_path / "cpu.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
+    assert r.returncode == 0, _tail(r)
+    assert job_counts(r.stdout + r.stderr) == {
+        "all": 1, "prepare_data": 1, "train_base": 1, "uniform": 5, "hessian": 1, "allocate_hawq": 2, "search": 18,
+        "irs_cache": 1, "finetune": 39, "certify": 40, "certify_incremental": 39, "report": 1, "total": 149}
+    out = r.stdout + r.stderr
+    res = tmp_path / "results" / "cpu"
+    for name in ("uniform_w3a2_s2", "uniform_w2a3_s0", "hawq_b0.7_s1", "arq_b1.0_s2", "random_b0.7_s0"):
+        assert f"{res}/certify/{name}_sigma0.25.tsv" in out
+    assert f"{res}/policies/haq_b1.0_s1_sigma0.25.json" in out and f"{res}/policies/hawq_b1.0_sigma0.25.json" in out
+    assert "--seed 2" in out or "seed=2" in out
 
 
 def test_lint_finds_nothing_but_the_per_rule_software_environment(tmp_path):
