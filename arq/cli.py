@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 diffs = report.check(config, scratch)
             if diffs:
                 print("".join(diffs), file=sys.stderr)
-                print(f"arq regenerate: {len(diffs)} table(s) of profile {config['profile']!r} differ from what its "
-                      f"text results give", file=sys.stderr)
+                print(f"arq regenerate: {len(diffs)} problem(s): profile {config['profile']!r} has inconsistent text "
+                      f"results or tables that differ from what its text results give", file=sys.stderr)
                 return 1
             print(f"profile {config['profile']!r}: every table regenerates byte for byte")
             return 0

@@ -5,6 +5,7 @@ repository of their own, with real ``dvc`` and ``git`` commands."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,47 @@ def test_regenerating_without_the_text_results_names_what_is_missing(tmp_path, m
     cfg = arq_config.load(REPO / "config" / "cpu-v1.yaml")
     with pytest.raises(FileNotFoundError, match=r"profile 'cpu-v1' lacks 24 text result\(s\) the report reads, e.g. .*certify/fp32_sigma0.25.json"):
         report.regenerate(cfg)
+
+
+def _tamper_tsv(path: Path, line: int, **fields) -> None:
+    lines = path.read_text().splitlines()
+    head = lines[0].split("\t")
+    cells = lines[line - 1].split("\t")
+    for k, v in fields.items():
+        cells[head.index(k)] = str(v)
+    lines[line - 1] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("what", ["correct flag", "abstention with a radius", "summary", "row count"])
+def test_the_check_names_an_inconsistent_input_file(tmp_path, monkeypatch, what):
+    """--check checks its inputs before the tables: a TSV row that contradicts itself, or a TSV that disagrees with
+    its summary JSON, fails naming that file (a table regenerated from a tampered TSV would otherwise just
+    'differ')."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(REPO / "results" / "cpu-v1", tmp_path / "results" / "cpu-v1")
+    cfg = arq_config.load(REPO / "config" / "cpu-v1.yaml")
+    tsv = tmp_path / "results" / "cpu-v1" / "certify" / "hawq_b1.5_s0_sigma0.25.tsv"
+    summary = tsv.with_suffix(".json")
+    rows = tsv.read_text().splitlines()
+    correct_line = next(k for k, r in enumerate(rows[1:], start=2) if r.split("\t")[4] == "1")
+    if what == "correct flag":
+        _tamper_tsv(tsv, correct_line, correct=0)
+        expected = f"{tsv.relative_to(tmp_path)}: line {correct_line}"
+    elif what == "abstention with a radius":
+        _tamper_tsv(tsv, correct_line, predict=-1, correct=0)
+        expected = "an abstention with radius"
+    elif what == "summary":
+        s = json.loads(summary.read_text())
+        s["acr"] += 0.01
+        summary.write_text(json.dumps(s))
+        expected = f"{summary.relative_to(tmp_path)}: acr = "
+    else:
+        tsv.write_text("\n".join(rows[:-1]) + "\n")
+        expected = "summarises 200 images but"
+    problems = report.check(cfg, tmp_path / "scratch")
+    assert problems and all("hawq_b1.5_s0_sigma0.25" in p for p in problems)
+    assert any(expected in p for p in problems), problems
+    from arq.cli import main
+
+    assert main(["regenerate", "--config", str(REPO / "config" / "cpu-v1.yaml"), "--check"]) == 1

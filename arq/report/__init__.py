@@ -160,11 +160,20 @@ def regenerate(config: dict, report_dir: str | Path | None = None, figures_dir: 
 
 
 def check(config: dict, scratch: str | Path) -> list[str]:
-    """Regenerate into ``scratch`` and compare every table with the one in the profile's report directory, byte
-    for byte. Returns a unified diff per differing or missing table (empty: all identical). Figures are rebuilt
-    too, so a broken figure fails, but not compared: their bytes depend on the matplotlib build."""
+    """First the inputs: every certification TSV consistent with itself and with its summary JSON
+    (``results.inconsistencies``, naming the file). Then regenerate into ``scratch`` and compare every table with
+    the one in the profile's report directory, byte for byte. Returns the input problems, or else a unified diff per
+    differing or missing table (empty: all consistent and identical). Figures are rebuilt too, so a broken figure
+    fails, but not compared: their bytes depend on the matplotlib build."""
     import difflib
 
+    from arq.report.results import inconsistencies
+
+    inputs = layout.report_inputs(config)
+    problems = [p + "\n" for s, t in zip(inputs["summaries"], inputs["tsvs"]) if Path(s).exists() and Path(t).exists()
+                for p in inconsistencies(s, t)]
+    if problems:
+        return problems
     out = regenerate(config, Path(scratch) / "report", Path(scratch) / "figures")
     diffs = []
     for key, name in TABLES.items():

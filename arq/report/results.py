@@ -183,6 +183,44 @@ def load(summary_path: str | Path, tsv_path: str | Path, policies: list[str | Pa
                   np.array([int(r["predict"]) == ABSTAIN for r in rows]), policy)
 
 
+def inconsistencies(summary_path: str | Path, tsv_path: str | Path, tolerance: float = 1e-6) -> list[str]:
+    """What is wrong with a certification TSV on its own (a row whose correct flag disagrees with predict = label;
+    an abstention with a radius or counted correct) and against its summary JSON (image count, clean and
+    certified accuracies, ACR, abstain rate recomputed from the rows); each problem names the file. Empty: consistent."""
+    from arq.smoothing import summarize
+
+    problems = []
+    rows = read_tsv(tsv_path)
+    for k, r in enumerate(rows, start=2):  # line numbers, the header being line 1
+        try:
+            label, predict, radius, correct = int(r["label"]), int(r["predict"]), float(r["radius"]), int(r["correct"])
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{tsv_path}: line {k} cannot be read ({type(exc).__name__}: {exc})")
+            continue
+        if correct not in (0, 1) or bool(correct) != (predict == label):
+            problems.append(f"{tsv_path}: line {k} (idx {r['idx']}): correct = {correct} but predict {predict}, "
+                            f"label {label}")
+        if predict == ABSTAIN and (radius != 0 or correct):
+            problems.append(f"{tsv_path}: line {k} (idx {r['idx']}): an abstention with radius {radius} and "
+                            f"correct = {correct}")
+        if radius < 0:
+            problems.append(f"{tsv_path}: line {k} (idx {r['idx']}): negative radius {radius}")
+    if problems:
+        return problems
+    s = json.loads(Path(summary_path).read_text())
+    if s.get("images") != len(rows):
+        return [f"{summary_path} summarises {s.get('images')} images but {tsv_path} has {len(rows)} rows"]
+    here = summarize(rows, [float(r) for r in s.get("certified_accuracy", {})])
+    for key in ("clean_accuracy", "acr", "abstain_rate"):
+        if abs(float(s[key]) - here[key]) > tolerance:
+            problems.append(f"{summary_path}: {key} = {s[key]} but the rows of {tsv_path} give {here[key]:.6g}")
+    for r, value in s.get("certified_accuracy", {}).items():
+        if abs(float(value) - here["certified_accuracy"][f"{float(r):g}"]) > tolerance:
+            problems.append(f"{summary_path}: certified accuracy at r={r} = {value} but the rows of {tsv_path} "
+                            f"give {here['certified_accuracy'][f'{float(r):g}']:.6g}")
+    return problems
+
+
 def policy_for(method: str, sigma: float, policies: list[str | Path]) -> str | None:
     """The policy file of a quantized model among ``policies`` (uniform ones hold for every σ)."""
     if method == "fp32":
