@@ -139,8 +139,9 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
                               + (f" and BatchNorm re-estimation on {sc['finetune']['bn_images']} images"
                                  if sc['finetune']['bn_images'] else "")
                               + f". ARQ and random search share the certified reward on {config['irs']['images']} val "
-                              f"images; HAQ's is clean top-1 on {sc['haq_images']} val images. One line per seed. "
-                              f"Profile '{config['profile']}'.")
+                              f"images; HAQ's is clean top-1 on {sc['haq_images']} val images. "
+                              + (f"One line per seed ({len(sc['seeds'])} seeds). " if len(sc["seeds"]) > 1 else "")
+                              + f"Profile '{config['profile']}'.")
     return {"main": main, "tests": tests}
 
 
