@@ -140,7 +140,11 @@ def announce_cost():
     import torch
 
     device = "cuda" if config["device"] != "cpu" and torch.cuda.is_available() else "cpu"
-    print(f"[arq] {budget.describe(config, device, workflow.cores or 1)}", file=sys.stderr)
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores: `snakemake --report`, or a dry run without it (priced at one thread)
+        cores = None
+    print(f"[arq] {budget.describe(config, device, cores or 1)}", file=sys.stderr)
 
 
 def check_device():
