@@ -5,6 +5,8 @@ fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale
 """
 from __future__ import annotations
 
+from arq.layout import uniform_tags
+
 ANCHORS = {  # images (or noisy samples) per second for ResNet-20
     "cuda": {"train": 21_700.0, "infer": 234_000.0},
     "cpu_per_2_threads": {"train": 370.0, "infer": 900.0},
@@ -27,8 +29,6 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
 
     def count(k, full):
         return min(k or full, full)
-
-    from arq.layout import uniform_tags
 
     k = len(config["sigmas"])
     q = len(uniform_tags(config))

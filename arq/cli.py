@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from arq.data import DataError, load_prepared
     from arq.irs import CacheError
     from arq.models import CheckpointError
-    from arq.policy import PolicyError
-    from arq.policy import BudgetError
+    from arq.policy import BudgetError, PolicyError
 
     try:
         if args.command == "cost":

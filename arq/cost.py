@@ -7,6 +7,7 @@ FP32 reference cost is 32 × 32 bit-operations per MAC, so a layer at W4A4 costs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import torch
@@ -138,7 +139,14 @@ def summary(costs: list[LayerCost], layers: Mapping[str, Mapping[str, int]]) -> 
 
 
 def for_arch(arch: str) -> list[LayerCost]:
-    """Trace a freshly built ``arch`` at its input size (the weights do not change the cost)."""
+    """Trace a freshly built ``arch`` at its input size (the weights do not change the cost). Traced once per
+    process: the layout, the cost estimate and every report row ask for it (the layers are frozen; the list is a
+    fresh copy)."""
+    return list(_traced(arch))
+
+
+@lru_cache(maxsize=None)
+def _traced(arch: str) -> tuple[LayerCost, ...]:
     from arq import models
 
-    return trace(models.build(arch), models.INPUT_SHAPES[arch])
+    return tuple(trace(models.build(arch), models.INPUT_SHAPES[arch]))

@@ -5,8 +5,8 @@ Model names: ``fp32`` for the base model; ``<family>_<variant>_s<seed>`` for qua
 ``hawq_b1.0_s1``, ``arq_b1.0_s2``), one per seed of ``search.seeds``: a search's seed drives its agent and episode
 noise, and every quantized model's final finetune draws from ``finetune.seed + seed``, so uniform and HAWQ models
 get the same seed spread as the searched ones. Without the seed, ``<family>_<variant>`` names the method (a row of
-the report). ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data, checkpoints, IRS caches, search states) are
-DVC's; text results (JSON, TSV, CSV, policies, tables) are git's.
+the report). ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data,
+checkpoints, IRS caches, search states) are DVC's; text results (JSON, TSV, CSV, policies, tables) are git's.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def methods(config: dict) -> list[str]:
     per seed."""
     hawq = [f"hawq_b{b}" for b in budgets(config)] if config["hawq"]["enabled"] else []
     uniform = [f"uniform_{tag.lower()}" for tag in uniform_tags(config)]
-    return (["fp32"] + [model_name(m, s) for m in uniform + hawq for s in seeds(config)] + searched(config))
+    return ["fp32"] + [model_name(m, s) for m in uniform + hawq for s in seeds(config)] + searched(config)
 
 
 def policy_name(model: str, sigma: str) -> str:

@@ -19,6 +19,7 @@ from arq import models, quant, rng
 from arq.config import config_hash
 from arq.data import Prepared, Split, balanced
 from arq.io import provenance, set_aside, torch_save, write_json, write_text
+from arq.layout import parse
 
 
 def epoch_generator(stream: str, seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -286,7 +287,6 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
 
     ``method`` is the model's name; the seed it carries (``arq_b1.0_s2``) offsets ``finetune.seed``, so each seed of a
     method is finetuned with its own batches and noise, and every method sees the same finetune seeds."""
-    from arq.layout import parse
     from arq.io import sha256_file
 
     fc = config["finetune"]

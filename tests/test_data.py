@@ -432,14 +432,12 @@ def test_a_balanced_subset_larger_than_a_class_allows_is_an_error_naming_the_cla
     assert data.balanced_positions(y, None).tolist() == list(range(55))
 
 
-def test_every_val_subset_a_stage_takes_is_class_balanced():
-    """Training and finetune logs, the IRS cache (the ARQ reward's images) and HAQ's reward set all take their val
-    images through data.balanced (the search's own test is in test_search.py)."""
-    from arq import irs, train
+def test_the_irs_cache_takes_a_class_balanced_val_subset():
+    """The IRS cache (the ARQ reward's images) takes its val images class-balanced; the finetune log's, HAQ's
+    reward set and the search's are tested in test_finetune.py and test_search.py."""
+    from arq import irs
 
     split = data.Split(torch.zeros(5000, 3, 32, 32, dtype=torch.uint8), _class_sorted_labels())
     prepared = data.Prepared(split, split, split, torch.arange(5000), {"classes": CLASSES})
     pos, _, y = irs._val_subset(prepared, 50)
     assert torch.bincount(y, minlength=10).tolist() == [5] * 10
-    source = Path(train.__file__).read_text()  # the training and finetune val logs
-    assert "first_images(data.val" not in source and source.count("balanced(data.val") == 2

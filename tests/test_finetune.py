@@ -227,3 +227,23 @@ def test_learned_clips_train_and_calibrated_clips_stay(ft_config, tiny_data, w4a
         assert sum(r > 1e-6 for r in rel) >= len(rel) // 2  # float32 resolution is ~6e-8
     else:
         assert max(rel) < 1e-6
+
+
+def test_the_finetune_logs_accuracy_on_a_class_balanced_val_set(ft_config, w4a4, tmp_path, monkeypatch):
+    """The val split is kept in class order; the finetune's logged val accuracy used to be of its head (one or two
+    classes). It now takes finetune.val_images balanced over the classes."""
+    from arq import train
+    from arq.data import Prepared, Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (104, 3, 32, 32), dtype=torch.uint8, generator=g)
+    val_y = torch.arange(10).repeat_interleave(4)  # class-sorted, 4 per class
+    data = Prepared(train=Split(x[:64], torch.randint(0, 10, (64,), generator=g)), val=Split(x[64:], val_y),
+                    cert=Split(x[:4], val_y[:4]), cert_idx=torch.arange(4), manifest={"file_sha256": "ab" * 32})
+    seen = []
+    real = train.noisy_accuracy
+    monkeypatch.setattr(train, "noisy_accuracy", lambda model, split, *a: seen.append(split.y.clone()) or
+                        real(model, split, *a))
+    ft_config["finetune"].update(epochs=0, val_images=20)
+    _run(ft_config, data, _base(tmp_path / "base.pt"), w4a4, tmp_path / "ft")
+    assert seen and all(torch.bincount(y, minlength=10).tolist() == [2] * 10 for y in seen)

@@ -122,8 +122,8 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
                                f"with several seeds shows its seeds' mean bits. Profile '{config['profile']}'.")
     figures.pareto(main, *out["pareto"], f"ACR against cost, {arch} on CIFAR-10",
                    f"{note} ACR: the certified radius averaged over all images, 0 where the smoothed prediction is wrong or "
-                   f"abstains. Error bars: 95% bootstrap intervals of ACR (over seeds and images for methods with several seeds); "
-                   f"grey band: FP32's. Budgets swept: "
+                   f"abstains. Error bars: 95% bootstrap intervals of ACR (over seeds and images for methods with "
+                   f"several seeds); grey band: FP32's. Budgets swept: "
                    f"{', '.join(f'{b:g}%' for b in config['search']['budgets'])}. {CAVEAT}.")
     if search_csvs:
         curves = {}

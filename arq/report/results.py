@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ class Group:
     def policy(self) -> dict | None:
         return self.runs[0].policy
 
-    @property
+    @cached_property
     def summary(self) -> dict:
         """The first run's summary with the BitOps averaged over seeds."""
         return {**self.runs[0].summary, "bitops_pct": float(np.mean([r.summary["bitops_pct"] for r in self.runs]))}
@@ -186,7 +187,8 @@ def load(summary_path: str | Path, tsv_path: str | Path, policies: list[str | Pa
 def inconsistencies(summary_path: str | Path, tsv_path: str | Path, tolerance: float = 1e-6) -> list[str]:
     """What is wrong with a certification TSV on its own (a row whose correct flag disagrees with predict = label;
     an abstention with a radius or counted correct) and against its summary JSON (image count, clean and
-    certified accuracies, ACR, abstain rate recomputed from the rows); each problem names the file. Empty: consistent."""
+    certified accuracies, ACR, abstain rate recomputed from the rows); each problem names the file. Empty:
+    consistent."""
     from arq.smoothing import summarize
 
     problems = []

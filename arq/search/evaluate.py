@@ -4,8 +4,8 @@ Every episode quantizes a *copy* of the FP32 model with the policy, calibrates i
 training images, finetunes it for a few QAT steps under noise σ, optionally re-estimates its BatchNorm statistics
 on noisy training images (``search.finetune.bn_images``), and scores it on the search's **val** images (never the
 test split). Which of these settings make the reward rank policies as the final finetune does is measured by
-``benchmarks/proxy_outcome.py`` (README *Search*). Calibration and finetune draw the same noise and batches in every episode (common random
-numbers), so two policies differ in reward only through their bits.
+``benchmarks/proxy_outcome.py`` (README *Search*). Calibration and finetune draw the same noise and batches in
+every episode (common random numbers), so two policies differ in reward only through their bits.
 
 Rewards (the search method picks one):
 - ``arq``: λ·(ACR_q − ACR_fp) with ACR_q from incremental certification (IRS) against the FP32 model's cache of

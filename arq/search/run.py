@@ -143,8 +143,7 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
             log(f"resuming from {state_path} after episode {first} of {sc['episodes']}")
 
     log(f"search {method} (reward {reward_kind}, agent {agent_kind}, seed {seed}) at σ={sigma}, budget {budget}% of "
-        f"FP32 BitOps, "
-        f"{len(env.steps)} steps per episode, {sc['episodes']} episodes ({sc['warmup']} warm-up), on {device}")
+        f"FP32 BitOps, {len(env.steps)} steps per episode, {sc['episodes']} episodes ({sc['warmup']} warm-up), on {device}")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -194,7 +193,8 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
     _write_csv(Path(out_csv), rows)
     seconds = {c: round(sum(r[c] for r in rows) / len(rows), 3) for c in TIME_COLUMNS}
     doc = policy.make(best["layers"], costs, rules, f"search {method}", method=method, reward_kind=reward_kind,
-                      agent=agent_kind, sigma=sigma, budget_pct=budget, seed=seed, episodes=len(rows), episode=best["episode"],
+                      agent=agent_kind, sigma=sigma, budget_pct=budget, seed=seed, episodes=len(rows),
+                      episode=best["episode"],
                       reward=best["reward"], **{k: best[k] for k in ("acr", "acr_fp32", "top1", "top1_fp32")
                                                  if k in best},
                       seconds_per_episode=seconds, **provenance(config, device, time.perf_counter() - start))
