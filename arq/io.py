@@ -106,8 +106,17 @@ def device_name(device: torch.device, threads: bool = True) -> str:
     return name + (f", {torch.get_num_threads()} threads)" if threads else ")")
 
 
-def provenance(config: dict, device: torch.device, wall_seconds: float) -> dict:
-    """Fields every result file carries so a number can be traced to the run that made it."""
+def origin(source: str | os.PathLike, record: dict) -> dict:
+    """Who made an input: its path (or what made it) and the config hash and commit its record (checkpoint metadata or result JSON)
+    carries. An input the workflow reused from an earlier run may come from an older config than the one now
+    running; a stage records this beside its own ``config_hash`` so that both can be traced."""
+    found = {k: record[k] for k in ("config_hash", "git_commit") if k in record}
+    return {"source": str(source), **found}
+
+
+def provenance(config: dict, device: torch.device, wall_seconds: float, upstream: dict | None = None) -> dict:
+    """Fields every result file carries so a number can be traced to the run that made it; ``upstream`` names the
+    ``origin`` of each input that another stage made (``{"model": origin(...), ...}``)."""
     return {
         "profile": config["profile"],
         "config_hash": config_hash(config),
@@ -115,4 +124,5 @@ def provenance(config: dict, device: torch.device, wall_seconds: float) -> dict:
         "device": device_name(device),
         "torch": str(torch.__version__),
         "wall_seconds": round(wall_seconds, 3),
+        **({"upstream": upstream} if upstream else {}),
     }

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from arq import rng
+from arq.config import config_hash
 from arq.io import torch_save
 from arq.smoothing import (ABSTAIN, Engine, certified_radius, lower_confidence_bound, model_device,
                            upper_confidence_bound)
@@ -285,7 +286,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
               device: torch.device, sigma: float, log: Callable = print) -> dict:
     """The irs_cache stage: certify the FP32 model on the val subset once, keep what IRS replays."""
     from arq import models
-    from arq.io import provenance, sha256_file, write_json
+    from arq.io import origin, provenance, sha256_file, write_json
     from arq.smoothing import _progress
 
     start = time.perf_counter()
@@ -299,7 +300,8 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
     cache = build_cache(engine.prepare(model, device), x, y, pos.tolist(), sigma, ic["n0"], ic["n"], ic["alpha"],
                         ic["seed"], ic["chunk"], ic["chunks_per_batch"],
                         {"model_sha256": sha256_file(model_path), "data_sha256": data.manifest["file_sha256"],
-                         "arch": config["model"]["arch"], "split": "val", "engine": engine.describe()},
+                         "arch": config["model"]["arch"], "split": "val", "engine": engine.describe(),
+                         "config_hash": config_hash(config)},
                         _progress(f"irs cache σ={sigma}"))
     cache.save(out)
     certified = cache.top != ABSTAIN
@@ -310,7 +312,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
                "cache_megabytes": round(cache.preds.numel() / 1e6, 3),
                "samples_per_s": round(len(pos) * (ic["n0"] + ic["n"]) / cache.seconds, 1),
                "engine": engine.describe(),
-               **provenance(config, device, time.perf_counter() - start)}
+               **provenance(config, device, time.perf_counter() - start, {"model": origin(model_path, meta)})}
     write_json(summary_json, summary)
     return summary
 
@@ -323,7 +325,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     from decimal import ROUND_CEILING
 
     from arq import models
-    from arq.io import provenance, write_json
+    from arq.io import origin, provenance, write_json
     from arq.smoothing import _progress, format_bound, summarize, to_unit, write_tsv
 
     start = time.perf_counter()
@@ -358,6 +360,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
                "zeta_counts": ic["zeta_counts"], "mean_zeta": sum(zetas) / len(zetas) if zetas else None,
                **disagreement_rates(results, ic["n_p"]),
                "seconds_certifying": round(seconds, 3), "engine": engine.describe(),
-               **provenance(config, device, time.perf_counter() - start)}
+               **provenance(config, device, time.perf_counter() - start,
+                            {"model": origin(model_path, meta), "cache": origin(cache_path, cache.meta)})}
     write_json(summary_json, summary)
     return summary

@@ -355,7 +355,7 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
 
     The checkpoint must be the ``method`` model trained at ``sigma`` of this profile: what the outputs claim."""
     from arq import models
-    from arq.io import provenance, sha256_file
+    from arq.io import origin, provenance, sha256_file
 
     start = time.perf_counter()
     cc = config["certify"]
@@ -377,7 +377,7 @@ def run_certify(config: dict, model_path: str | Path, data, out_tsv: str | Path,
                "max_certifiable_radius": round(max_radius(sigma, cc["n"], cc["alpha"]), 4),
                "engine": engine.describe(), "subset_rule": data.manifest["cert_rule"],
                "data_note": data.manifest.get("note", ""),
-               **provenance(config, device, time.perf_counter() - start)}
+               **provenance(config, device, time.perf_counter() - start, {"model": origin(model_path, meta)})}
     write_json(summary_json, summary)
     return summary
 

@@ -18,7 +18,7 @@ from torch import nn
 from arq import models, quant, rng
 from arq.config import config_hash
 from arq.data import Prepared, Split, balanced
-from arq.io import provenance, set_aside, torch_save, write_json, write_text
+from arq.io import origin, provenance, set_aside, torch_save, write_json, write_text
 from arq.layout import parse
 
 
@@ -180,7 +180,7 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     summary = {"sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
                "final_noisy_val_acc": history[-1]["noisy_val_acc"],
                "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
-               **provenance(config, device, wall)}
+               **provenance(config, device, wall, {"data": origin("prepared data", data.manifest)})}
     write_json(metrics_json, summary)
     resume_path.unlink(missing_ok=True)  # the final checkpoint supersedes it
     return summary
@@ -332,7 +332,9 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
                            data_sha256=data.manifest["file_sha256"])
     summary = {"method": method, "sigma": sigma, "bitops_pct": policy_doc["bitops_pct"], "epochs": fc["epochs"],
                "train_images": len(train_split), "final_noisy_val_acc": history[-1]["noisy_val_acc"],
-               "activation_ranges": ranges, **provenance(config, device, wall)}
+               "activation_ranges": ranges,
+               **provenance(config, device, wall, {"model": origin(base_model, meta),
+                                                   "policy": origin(policy_doc["produced_by"], policy_doc)})}
     write_json(metrics_json, summary)
     resume_path.unlink(missing_ok=True)
     return summary

@@ -16,13 +16,18 @@ episode. The profile then adopts the proxy with the best fidelity for its cost (
    no reward set contains, with noise of its own stream: proxy and outcome share neither images nor noise. The
    test split is never touched.
 
-Resumable: each finished policy is appended to ``<out>.rows.jsonl`` (the pool to ``<out>.pool.json``), both tagged
+Resumable: each finished policy is appended to ``<out>.rows.jsonl`` (the pool to ``<out>.pool.jsonl``), both tagged
 with a fingerprint of the settings; a rerun continues after the last finished policy and refuses files from other
 settings. Prints progress per policy.
+
+Batches run with other ``--seed`` values (new pools, new policies, same settings) are pooled with ``--combine``:
+one ρ per proxy over all their policies, its bootstrap resampling policies within each batch.
 
     python benchmarks/proxy_outcome.py --config config/cpu.yaml --fp32 results/cpu/models/fp32_sigma0.25/model.pt \\
         --data data/prepared/cpu/cifar10.pt --manifest data/prepared/cpu/manifest.json \\
         --out benchmarks/results/proxy_outcome_cpu.json
+    python benchmarks/proxy_outcome.py --combine benchmarks/results/proxy_outcome_cpu.json \\
+        benchmarks/results/proxy_outcome_cpu_seed1.json --out benchmarks/results/proxy_outcome_cpu_combined.json
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from scipy.stats import spearmanr
 from arq import cost, irs, models, policy, rng, train
 from arq.config import config_hash, load as load_config
 from arq.data import Split, balanced_positions, load_prepared
-from arq.io import device_name, git_commit, sha256_file, write_json
+from arq.io import device_name, git_commit, sha256_file, write_json, write_text
 from arq.search.constraint import enforce_budget
 from arq.search.evaluate import EpisodeEvaluator
 from arq.smoothing import Engine, Smooth, to_unit
@@ -99,12 +104,26 @@ def spread(scores: list[float], k: int) -> list[int]:
 def spearman_interval(x, y, resamples: int, seed: int) -> dict:
     """Spearman ρ and its percentile bootstrap 95% interval over the paired items (resamples with a constant
     side, where ρ is undefined, are dropped and counted)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
+    return stratified_spearman_interval([(x, y)], resamples, seed)
+
+
+def two_bit_layers(row: dict) -> dict:
+    """How many layers of a policy row sit at 2 weight bits and at 2 activation bits (pinned layers never do)."""
+    return {"w2": sum(b == 2 for b in row["w_bits"]), "a2": sum(b == 2 for b in row["a_bits"])}
+
+
+def stratified_spearman_interval(batches: list[tuple[list, list]], resamples: int, seed: int) -> dict:
+    """Spearman ρ over the pooled items of several batches, with a percentile bootstrap 95% interval that
+    resamples items within each batch (each batch keeps its size: its policies were drawn, and spread over its
+    own reward range, on their own)."""
+    x = np.concatenate([np.asarray(b[0], float) for b in batches])
+    y = np.concatenate([np.asarray(b[1], float) for b in batches])
+    offsets = np.cumsum([0] + [len(b[0]) for b in batches])
     rho = float(spearmanr(x, y)[0])
     g = np.random.default_rng(seed)
     values, undefined = [], 0
     for _ in range(resamples):
-        i = g.integers(0, len(x), len(x))
+        i = np.concatenate([g.integers(lo, hi, hi - lo) for lo, hi in zip(offsets[:-1], offsets[1:])])
         if np.ptp(x[i]) == 0 or np.ptp(y[i]) == 0:
             undefined += 1
             continue
@@ -112,6 +131,65 @@ def spearman_interval(x, y, resamples: int, seed: int) -> dict:
     lo, hi = np.quantile(values, [0.025, 0.975]) if values else (float("nan"), float("nan"))
     return {"rho": round(rho, 4), "low": round(float(lo), 4), "high": round(float(hi), 4),
             "resamples": resamples, "undefined_resamples": undefined}
+
+
+def bits_fidelity(rows: list[dict], names) -> dict:
+    """Spearman ρ of the outcome ACR and of each proxy's reward with the number of layers at W2 and at A2: what
+    decides the outcome, and whether a proxy sees it the same way."""
+    counts = [two_bit_layers(r) for r in rows]
+    series = {"outcome": [r["outcome_acr"] for r in rows],
+              **{n: [r["proxies"][n]["reward"] for r in rows] for n in names}}
+    def rho(x, y):  # None where one side is constant (ρ undefined)
+        return round(float(spearmanr(x, y)[0]), 4) if np.ptp(x) > 0 and np.ptp(y) > 0 else None
+
+    return {k: {b: rho(v, [c[b] for c in counts]) for b in ("w2", "a2")} for k, v in series.items()}
+
+
+COMBINED_SAME = ("budget_pct", "sigma", "profile", "config_hash", "outcome")
+
+
+def combine(summaries: list[dict], resamples: int, seed: int) -> dict:
+    """The batches of several runs (other ``--seed``, same settings) as one study: pooled Spearman ρ per proxy
+    with a bootstrap interval stratified by batch, each batch's own ρ, and the 2-bit-layer table over all rows."""
+    if len(summaries) < 2:
+        raise SystemExit("--combine needs at least two summaries")
+    for key in COMBINED_SAME:
+        values = {json.dumps(s_[key], sort_keys=True) for s_ in summaries}
+        if len(values) > 1:
+            raise SystemExit(f"the summaries differ in {key!r}; only batches of the same study can be combined")
+    settings = {json.dumps({k: v["settings"] for k, v in s_["proxies"].items()}, sort_keys=True) for s_ in summaries}
+    if len(settings) > 1:
+        raise SystemExit("the summaries score different proxies; only batches of the same study can be combined")
+    seeds = [s_["args"]["seed"] for s_ in summaries]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"two summaries share a --seed ({seeds}): the same policies would be counted twice")
+    names = list(summaries[0]["proxies"])
+    rows = [r for s_ in summaries for r in s_["rows"]]
+    proxies = {}
+    for name in names:
+        batches = [([r["proxies"][name]["reward"] for r in s_["rows"]], [r["outcome_acr"] for r in s_["rows"]])
+                   for s_ in summaries]
+        seconds = [r["proxies"][name]["seconds"] for r in rows]
+        proxies[name] = {"description": summaries[0]["proxies"][name]["description"],
+                         "spearman": stratified_spearman_interval(batches, resamples, seed),
+                         "per_batch": {str(sd): s_["proxies"][name]["spearman"]
+                                       for sd, s_ in zip(seeds, summaries)},
+                         "seconds_per_episode": round(float(np.mean(seconds)), 2),
+                         "settings": summaries[0]["proxies"][name]["settings"]}
+    outcome = [r["outcome_acr"] for r in rows]
+    return {"proxies": proxies, "policies": len(rows), "batches": seeds,
+            "bits": bits_fidelity(rows, names),
+            "outcome": {**summaries[0]["outcome"], "acr_range": [min(outcome), max(outcome)]},
+            **{k: summaries[0][k] for k in ("budget_pct", "sigma", "profile", "config_hash")},
+            "sources": [{"seed": sd, "git_commit": s_["git_commit"], "device": s_["device"],
+                         "wall_seconds": s_["wall_seconds_this_run"]} for sd, s_ in zip(seeds, summaries)]}
+
+
+def print_table(result: dict) -> None:
+    for name, v in result["proxies"].items():
+        f = v["spearman"]
+        print(f"  {name:16s} ρ = {f['rho']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]  "
+              f"{v['seconds_per_episode']:.1f} s per episode", flush=True)
 
 
 class Study:
@@ -205,7 +283,8 @@ class Study:
         for line in path.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line of a killed run: that policy is redone
+            except json.JSONDecodeError:  # a torn last line of a killed run: dropped, and that policy redone
+                write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
                 break
         if rows and any(r.get("fingerprint") != self.fingerprint for r in rows):
             raise SystemExit(f"{path} was written with other settings; move it away to start afresh")
@@ -271,23 +350,25 @@ class Study:
                                                                          for r in rows])), 2),
                              "settings": {"finetune": PROXIES[name][0], "search": PROXIES[name][1],
                                           "irs": PROXIES[name][2], "reward": PROXIES[name][3]}}
-            print(f"  {name:16s} ρ = {fid['rho']:+.3f} [{fid['low']:+.3f}, {fid['high']:+.3f}]  "
-                  f"{proxies[name]['seconds_per_episode']:.1f} s per episode", flush=True)
-        return {"proxies": proxies, "policies": len(rows), "pool": len(pool),
+        result = {"proxies": proxies, "policies": len(rows), "pool": len(pool), "bits": bits_fidelity(rows, PROXIES),
                 "outcome": {"images": self.args.outcome_images, "n0": self.cfg["certify"]["n0"],
                             "n": self.args.outcome_n, "alpha": self.cfg["certify"]["alpha"],
                             "skip_per_class": self.reward_images(), "finetune": self.cfg["finetune"],
                             "acr_range": [min(outcome), max(outcome)]},
                 "rows": [{k: v for k, v in r.items() if k != "fingerprint"} for r in rows],
                 "pool_rewards": [round(r["reward"], 6) for r in pool]}
+        print_table(result)
+        return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--fp32", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--config")
+    ap.add_argument("--fp32")
+    ap.add_argument("--data")
+    ap.add_argument("--manifest")
+    ap.add_argument("--combine", nargs="+", metavar="SUMMARY",
+                    help="instead of running: pool the summaries of batches run with other --seed into --out")
     ap.add_argument("--budget", type=float, default=1.0, help="BitOps budget, %% of FP32")
     ap.add_argument("--pool", type=int, default=42, help="policies scored by today's proxy")
     ap.add_argument("--policies", type=int, default=14, help="of them, at evenly spaced ranks, taken to the outcome")
@@ -299,6 +380,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="the summary JSON; resume files are kept beside it")
     args = ap.parse_args()
+    if args.combine:
+        result = combine([json.loads(Path(p).read_text()) for p in args.combine], args.resamples, args.seed)
+        print(f"{result['policies']} policies from batches {result['batches']}; Spearman ρ with the outcome ACR "
+              "[95% bootstrap, stratified by batch]:")
+        print_table(result)
+        write_json(args.out, {**result, "git_commit": git_commit(), "args": vars(args)})
+        return
+    missing = [k for k in ("config", "fp32", "data", "manifest") if getattr(args, k) is None]
+    if missing:
+        ap.error("a run needs " + ", ".join(f"--{k}" for k in missing) + " (or --combine)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     study = Study(args)

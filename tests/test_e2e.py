@@ -288,6 +288,11 @@ def test_smoke_summary_json(smoke_run):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["profile"] == "smoke"
     assert summary["config_hash"] == arq_config.config_hash(cfg)
+    model = workdir / "results" / "smoke" / "models" / "fp32_sigma0.25" / "model.pt"
+    assert Path(workdir, summary["upstream"]["model"]["source"]).resolve() == model.resolve()
+    assert summary["upstream"]["model"]["config_hash"] == summary["config_hash"]  # made by this very config
+    train = json.loads((model.parent / "train.json").read_text())
+    assert train["upstream"]["data"]["config_hash"] == summary["config_hash"]
     assert summary["n"] == cfg["certify"]["n"] and summary["alpha"] == cfg["certify"]["alpha"]
     assert 0 <= summary["clean_accuracy"] <= 1 and 0 <= summary["abstain_rate"] <= 1
     assert summary["samples_per_s"] > 0 and summary["wall_seconds"] > 0
@@ -561,6 +566,8 @@ def test_smoke_uniform_arm(smoke_run):
         summary = json.loads((results / "certify" / f"{method}_s0_sigma0.25.json").read_text())
         assert summary["method"] == f"{method}_s0" and summary["bitops_pct"] == policy["bitops_pct"]
         assert SUMMARY_KEYS <= set(summary) and summary["images"] == cfg["certify"]["max_images"]
+        assert set(summary["upstream"]) == {"model"}
+        assert set(json.loads((d / "finetune.json").read_text())["upstream"]) == {"model", "policy"}
 
 
 @pytest.mark.e2e

@@ -247,3 +247,19 @@ def test_the_finetune_logs_accuracy_on_a_class_balanced_val_set(ft_config, w4a4,
     ft_config["finetune"].update(epochs=0, val_images=20)
     _run(ft_config, data, _base(tmp_path / "base.pt"), w4a4, tmp_path / "ft")
     assert seen and all(torch.bincount(y, minlength=10).tolist() == [2] * 10 for y in seen)
+
+
+def test_a_reused_base_from_an_older_config_is_traced_to_that_config(ft_config, tiny_data, w4a4, tmp_path):
+    """The workflow reuses an FP32 base across config edits that do not touch training; the finetune then records
+    the base's config hash beside its own instead of claiming the base came from the config now running."""
+    from arq.config import config_hash
+
+    ft_config["finetune"]["epochs"] = 0
+    torch.manual_seed(0)
+    base = tmp_path / "base.pt"
+    models.save_checkpoint(base, models.build("resnet20"), "resnet20", sigma=0.25, epoch=1, profile="smoke",
+                           config_hash="0123456789abcdef")
+    summary, _ = _run(ft_config, tiny_data, base, dict(w4a4, config_hash="fedcba9876543210"), tmp_path / "ft")
+    assert summary["config_hash"] == config_hash(ft_config) != "0123456789abcdef"
+    assert summary["upstream"]["model"] == {"source": str(base), "config_hash": "0123456789abcdef"}
+    assert summary["upstream"]["policy"] == {"source": "uniform W4A4", "config_hash": "fedcba9876543210"}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arq import quant, rng
-from arq.io import provenance, sha256_file, write_json
+from arq.io import origin, provenance, sha256_file, write_json
 
 FORMAT = "arq-hessian/1"
 
@@ -99,7 +99,7 @@ def run_hessian(config: dict, sigma: float, model_path: str | Path, data, out_js
 
     hc = config["hawq"]
     start = time.perf_counter()
-    model, _ = models.load_for_stage(model_path, config, sigma, "fp32", log)
+    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,7 +123,7 @@ def run_hessian(config: dict, sigma: float, model_path: str | Path, data, out_js
            "probes_per_iteration": hc["probes"], "max_iterations": hc["max_iterations"], "tol": hc["tol"],
            "patience": hc["patience"],
            "model_sha256": sha256_file(model_path), **result,
-           **provenance(config, device, time.perf_counter() - start)}
+           **provenance(config, device, time.perf_counter() - start, {"model": origin(model_path, meta)})}
     write_json(out_json, doc)
     state = "converged" if result["converged"] else "stopped at the iteration limit"
     log(f"{state} after {result['iterations']} iterations ({result['probes_total']} probes), "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from arq import cost, policy, quant
-from arq.io import provenance, sha256_file
+from arq.io import origin, provenance, sha256_file
 from arq.policy import Rules, require_budget
 
 
@@ -96,7 +96,7 @@ def run_allocate(config: dict, sigma: float, budget: float, model_path: str | Pa
     hc = config["hawq"]
     start = time.perf_counter()
     hessian = json.loads(Path(hessian_path).read_text())
-    model, _ = models.load_for_stage(model_path, config, sigma, "fp32", log)
+    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
     if hessian.get("model_sha256") != sha256_file(model_path):
         raise models.CheckpointError(f"{hessian_path} holds the traces of another model than {model_path}")
     costs, rules = policy.for_config(config)
@@ -116,7 +116,8 @@ def run_allocate(config: dict, sigma: float, budget: float, model_path: str | Pa
                       seconds_to_policy=round(float(hessian["wall_seconds"]) + wall, 3),
                       hessian_sha256=sha256_file(hessian_path),
                       sensitivity={n: {str(b): v for b, v in omega[n].items()} for n in free},
-                      **provenance(config, torch.device("cpu"), wall))
+                      **provenance(config, torch.device("cpu"), wall,
+                                   {"model": origin(model_path, meta), "hessian": origin(hessian_path, hessian)}))
     policy.save(out_policy, doc)
     log(f"HAWQ at {budget:g}%: {doc['bitops_pct']:.3f}% of FP32 BitOps, objective {report['objective']:.4g}, "
         f"weight bits {'/'.join(str(layers[n]['w_bits']) for n in rules.layers)}")

@@ -21,7 +21,7 @@ import torch
 
 from arq import models, policy
 from arq.config import config_hash, search_settings
-from arq.io import provenance, set_aside, sha256_file, torch_save, write_text
+from arq.io import origin, provenance, set_aside, sha256_file, torch_save, write_text
 from arq.search.constraint import enforce_budget
 from arq.data import Split, balanced
 from arq.search.ddpg import DDPG, DDPGSettings, RandomAgent
@@ -197,7 +197,8 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
                       episode=best["episode"],
                       reward=best["reward"], **{k: best[k] for k in ("acr", "acr_fp32", "top1", "top1_fp32")
                                                  if k in best},
-                      seconds_per_episode=seconds, **provenance(config, device, time.perf_counter() - start))
+                      seconds_per_episode=seconds,
+                      **provenance(config, device, time.perf_counter() - start, {"model": origin(fp32_path, meta)}))
     policy.save(out_policy, doc)
     learning_curve(rows, Path(out_png), f"{method} search, σ={sigma}, budget {budget}% BitOps, seed {seed}")
     return doc
