@@ -5,7 +5,7 @@ fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale
 """
 from __future__ import annotations
 
-from arq.layout import uniform_tags
+from arq.layout import methods, parse, searched
 
 ANCHORS = {  # images (or noisy samples) per second for ResNet-20
     "cuda": {"train": 21_700.0, "infer": 234_000.0},
@@ -31,13 +31,11 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
         return min(k or full, full)
 
     k = len(config["sigmas"])
-    q = len(uniform_tags(config))
     train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
                                + count(t["val_images"], sizes["val"]) / rate["infer"])
     sc, ic = config["search"], config["irs"]
     hc = config["hawq"]
-    seeds = len(sc["seeds"])  # every quantized model is finetuned and certified once per seed
-    models_q = seeds * (q + (len(sc["methods"]) + hc["enabled"]) * len(sc["budgets"]))  # per σ
+    models_q = len(methods(config)) - 1  # quantized models per σ: each finetuned and certified once per seed
     finetune = k * models_q * f["epochs"] * (
         count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
         + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
@@ -50,8 +48,8 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
                + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"])
     certified_reward = irs_images * ic["n_p"] * QUANT_SLOWDOWN["infer"] / rate["infer"]  # arq, random
     accuracy_reward = count(sc["haq_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"]  # haq
-    search = k * len(sc["budgets"]) * seeds * sc["episodes"] * sum(
-        episode + (certified_reward if m != "haq" else accuracy_reward) for m in sc["methods"])
+    search = k * sc["episodes"] * sum(episode + (certified_reward if parse(m).family != "haq" else accuracy_reward)
+                                      for m in searched(config))
     # a Hessian-vector product costs about two training passes over the images, per probe
     hawq = k * hc["enabled"] * hc["max_iterations"] * hc["probes"] * 2 * min(hc["images"], sizes["train"]) / rate["train"]
     return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search, "hawq": hawq,

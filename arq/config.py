@@ -50,6 +50,21 @@ def validate(config: dict) -> dict:
         w, a = (int(b) for b in tag[1:].split("A"))
         if not (lo <= w <= hi and lo <= a <= hi):
             raise ConfigError(f"invalid configuration:\n  quant.uniform.{i}: {tag} has bits outside {lo}..{hi}")
+    sc = config["search"]
+    budgets = {float(b) for b in sc["budgets"]}
+    for key, seeds in sc["seeds_by_budget"].items():
+        try:
+            budget = float(key)
+        except ValueError:
+            budget = None
+        if budget not in budgets:
+            raise ConfigError(f"invalid configuration:\n  search.seeds_by_budget.{key}: not one of search.budgets "
+                              f"{sc['budgets']} (write the budget as it is written there, quoted: '0.7')")
+        extra = sorted(set(seeds) - set(sc["seeds"]))
+        if extra:
+            raise ConfigError(f"invalid configuration:\n  search.seeds_by_budget.{key}: seeds {extra} are not in "
+                              f"search.seeds {sc['seeds']} (a budget runs a subset of them, so that its models "
+                              "share seeds with the references for the paired tests)")
     if config["irs"]["n"] % config["irs"]["chunk"]:
         raise ConfigError("invalid configuration:\n  irs.n: must be a multiple of irs.chunk "
                           f"({config['irs']['n']} is not a multiple of {config['irs']['chunk']})")
@@ -111,7 +126,9 @@ def sigma_tag(sigma: float) -> str:
 
 
 def search_settings(config: dict) -> dict:
-    """The settings one search depends on. Which methods and budgets a profile sweeps is left out, so adding a
-    budget neither reruns nor refuses to resume the searches already run."""
-    search = {k: v for k, v in config["search"].items() if k not in ("methods", "budgets")}
+    """The settings one search depends on. Which methods, budgets and seeds a profile sweeps is left out (each
+    search knows its own method, budget and seed), so adding a budget or a seed neither reruns nor refuses to
+    resume the searches already run."""
+    sweep = ("methods", "budgets", "seeds", "seeds_by_budget")
+    search = {k: v for k, v in config["search"].items() if k not in sweep}
     return {"search": search, **{k: config[k] for k in ("quant", "model", "irs", "engine")}}

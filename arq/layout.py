@@ -2,7 +2,8 @@
 artifact commands, so that what the workflow writes, what the report reads and what DVC tracks cannot drift apart.
 
 Model names: ``fp32`` for the base model; ``<family>_<variant>_s<seed>`` for quantized ones (``uniform_w4a4_s0``,
-``hawq_b1.0_s1``, ``arq_b1.0_s2``), one per seed of ``search.seeds``: a search's seed drives its agent and episode
+``hawq_b1.0_s1``, ``arq_b1.0_s2``), one per seed of ``search.seeds`` (or of the subset ``search.seeds_by_budget``
+gives a budget): a search's seed drives its agent and episode
 noise, and every quantized model's final finetune draws from ``finetune.seed + seed``, so uniform and HAWQ models
 get the same seed spread as the searched ones. Without the seed, ``<family>_<variant>`` names the method (a row of
 the report). ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data,
@@ -74,36 +75,51 @@ def budgets(config: dict) -> list[str]:
     return [repr(float(b)) for b in config["search"]["budgets"]]
 
 
-def seeds(config: dict) -> list[int]:
-    return [int(s) for s in config["search"]["seeds"]]
+def seeds(config: dict, budget: str | float | None = None) -> list[int]:
+    """``search.seeds``; at a budget that ``search.seeds_by_budget`` lists, that budget's (a subset of them)."""
+    sc = config["search"]
+    if budget is not None:
+        for key, chosen in sc["seeds_by_budget"].items():
+            if float(key) == float(budget):
+                return [int(s) for s in chosen]
+    return [int(s) for s in sc["seeds"]]
 
 
-def uniform_tags(config: dict) -> list[str]:
-    """The uniform baselines: ``quant.uniform`` plus, with ``quant.uniform_fit_budgets``, each budget's uniform
-    policies with the most bits that fit it (arq.policy.uniform_within; W3A2 and W2A3 at 0.7%), so every budget has
-    the uniform model it allows."""
+def uniform_seeds(config: dict) -> dict[str, list[int]]:
+    """The uniform baselines and their seeds: ``quant.uniform`` with every seed of ``search.seeds``, plus, with
+    ``quant.uniform_fit_budgets``, each budget's uniform policies with the most bits that fit it
+    (arq.policy.uniform_within; W3A2 and W2A3 at 0.7%) with that budget's seeds, so every budget has the uniform
+    model it allows. A tag that several budgets add gets the union of their seeds."""
     from arq import policy
 
-    tags = [t.upper() for t in config["quant"]["uniform"]]
+    out = {t.upper(): seeds(config) for t in config["quant"]["uniform"]}
     if config["quant"]["uniform_fit_budgets"]:
         costs, rules = policy.for_config(config)
         for b in config["search"]["budgets"]:
-            tags += policy.uniform_within(costs, rules, float(b))
-    return list(dict.fromkeys(tags))
+            for tag in policy.uniform_within(costs, rules, float(b)):
+                out[tag] = sorted(set(out.get(tag, [])) | set(seeds(config, b)))
+    return out
+
+
+def uniform_tags(config: dict) -> list[str]:
+    """The uniform baselines' tags (``W4A4``), in order: ``uniform_seeds``."""
+    return list(uniform_seeds(config))
 
 
 def searched(config: dict) -> list[str]:
-    """Searched models, e.g. ``arq_b1.0_s0``: every search method at every budget and seed."""
+    """Searched models, e.g. ``arq_b1.0_s0``: every search method at every budget and that budget's seeds."""
     return [model_name(f"{m}_b{b}", s) for m in config["search"]["methods"] for b in budgets(config)
-            for s in seeds(config)]
+            for s in seeds(config, b)]
 
 
 def methods(config: dict) -> list[str]:
     """Every model the comparison certifies, in workflow order: FP32, uniform, HAWQ, searched; quantized ones once
-    per seed."""
-    hawq = [f"hawq_b{b}" for b in budgets(config)] if config["hawq"]["enabled"] else []
-    uniform = [f"uniform_{tag.lower()}" for tag in uniform_tags(config)]
-    return ["fp32"] + [model_name(m, s) for m in uniform + hawq for s in seeds(config)] + searched(config)
+    per seed of their budget (``seeds``)."""
+    uniform = [model_name(f"uniform_{tag.lower()}", s) for tag, chosen in uniform_seeds(config).items()
+               for s in chosen]
+    hawq = ([model_name(f"hawq_b{b}", s) for b in budgets(config) for s in seeds(config, b)]
+            if config["hawq"]["enabled"] else [])
+    return ["fp32"] + uniform + hawq + searched(config)
 
 
 def policy_name(model: str, sigma: str) -> str:

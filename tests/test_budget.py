@@ -44,3 +44,14 @@ def test_more_threads_and_a_gpu_are_faster_and_the_description_names_every_stage
     text = budget.describe(cpu, "cpu", 2)
     for word in ("profile 'cpu'", "training", "searches", "HAWQ Hessian", "finetune", "certification", "IRS", "H100"):
         assert word in text
+
+
+def test_a_budget_with_fewer_seeds_costs_its_share(cpu):
+    """At 0.7% the cpu study runs one seed of three: its searches, HAWQ-V3 and W3A2/W2A3 cost a third."""
+    every = copy.deepcopy(cpu)
+    every["search"]["seeds_by_budget"] = {}
+    full, study = budget.estimate_seconds(every, "cpu", 2), budget.estimate_seconds(cpu, "cpu", 2)
+    per_budget = full["search"] / 2  # two budgets alike but for the seeds
+    assert study["search"] == pytest.approx(per_budget + per_budget / 3)
+    # quantized models: 3 × (W8A8, W4A4, W3A3, HAWQ 1.0, 3 searches 1.0) + 1 × (W3A2, W2A3, HAWQ 0.7, 3 searches 0.7)
+    assert study["finetune"] / full["finetune"] == pytest.approx((3 * 7 + 6) / (3 * 13))

@@ -157,6 +157,21 @@ def test_decreasing_lr_milestones_are_rejected(smoke_config):
     validate(_mutated(smoke_config, "train.lr_milestones", []))
 
 
+def test_seeds_by_budget_names_a_budget_and_a_subset_of_the_seeds(smoke_config):
+    cfg = _mutated(smoke_config, "search.seeds", [0, 1, 2])
+    cfg["search"]["budgets"] = [1.0, 0.7]
+    validate(_mutated(cfg, "search.seeds_by_budget", {"0.7": [0]}))
+    validate(_mutated(cfg, "search.seeds_by_budget", {"0.70": [1, 2], "1.0": [0]}))
+    with pytest.raises(ConfigError, match=r"search\.seeds_by_budget\.0\.5: not one of search\.budgets"):
+        validate(_mutated(cfg, "search.seeds_by_budget", {"0.5": [0]}))
+    with pytest.raises(ConfigError, match=r"search\.seeds_by_budget\.low: not one of"):
+        validate(_mutated(cfg, "search.seeds_by_budget", {"low": [0]}))
+    with pytest.raises(ConfigError, match=r"seeds \[3\] are not in search\.seeds"):
+        validate(_mutated(cfg, "search.seeds_by_budget", {"0.7": [0, 3]}))
+    with pytest.raises(ConfigError, match=r"search\.seeds_by_budget\.0\.7"):
+        validate(_mutated(cfg, "search.seeds_by_budget", {"0.7": []}))
+
+
 def test_repeated_lr_milestones_are_rejected(smoke_config):
     """The check says 'must be increasing'; a repeated milestone multiplies the lr by gamma twice."""
     with pytest.raises(ConfigError, match=r"train\.lr_milestones"):

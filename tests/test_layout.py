@@ -51,6 +51,27 @@ def test_seeds_multiply_every_quantized_model_and_name_its_files(smoke_config):
     assert f"{res}/search/arq_b1.0_s1_sigma0.25.state.pt" in layout.binaries(cfg)
 
 
+def test_a_budget_may_run_a_subset_of_the_seeds(smoke_config):
+    """The cpu study's shape: three seeds at 1.0%, one at 0.7% (its searches, HAWQ-V3 and the uniform models only it
+    adds); the references of quant.uniform keep every seed."""
+    cfg = copy.deepcopy(smoke_config)
+    cfg["search"].update(seeds=[0, 1, 2], budgets=[1.0, 0.7], methods=["arq", "haq"], seeds_by_budget={"0.7": [0]})
+    cfg["quant"]["uniform"] = ["W4A4"]
+    three, one = (0, 1, 2), (0,)
+    expected = (["fp32"] + [f"uniform_w4a4_s{s}" for s in three] + [f"uniform_w3a3_s{s}" for s in three]
+                + ["uniform_w3a2_s0", "uniform_w2a3_s0"] + [f"hawq_b1.0_s{s}" for s in three] + ["hawq_b0.7_s0"]
+                + [f"arq_b1.0_s{s}" for s in three] + ["arq_b0.7_s0"] + [f"haq_b1.0_s{s}" for s in three]
+                + ["haq_b0.7_s0"])
+    assert layout.methods(cfg) == expected
+    assert layout.seeds(cfg, "0.7") == [0] and layout.seeds(cfg, 1.0) == [0, 1, 2] and layout.seeds(cfg) == [0, 1, 2]
+    # a tag two budgets add runs the union of their seeds
+    cfg["search"]["budgets"] = [1.0, 0.95]
+    cfg["search"]["seeds_by_budget"] = {"0.95": [2]}
+    assert layout.uniform_seeds(cfg)["W3A3"] == [0, 1, 2]
+    cfg["search"]["seeds_by_budget"] = {"0.95": [2], "1.0": [1]}
+    assert layout.uniform_seeds(cfg)["W3A3"] == [1, 2]
+
+
 @pytest.mark.parametrize("budget, tags", [(1.0, ["W3A3"]), (0.7, ["W3A2", "W2A3"]), (1.5, ["W4A3", "W3A4"]),
                                           (6.25, ["W8A8"]), (0.5, ["W2A2"]), (0.4, [])])
 def test_each_budget_gets_the_uniform_policies_with_the_most_bits_that_fit(smoke_config, budget, tags):

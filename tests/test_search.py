@@ -401,3 +401,15 @@ def test_an_unreachable_budget_stops_the_search_naming_the_smallest(search_setup
     with pytest.raises(BudgetError, match="smallest achievable"):
         run_search(cfg, 0.25, "arq", 0.1, 0, model_path, data, cache_path, tmp_path / "ep.csv", tmp_path / "p.json",
                    tmp_path / "c.png", tmp_path / "s.pt", torch.device("cpu"), log=lambda s: None, progress=False)
+
+
+def test_a_search_refuses_a_seed_its_budget_does_not_run(smoke_config, tmp_path):
+    cfg = copy.deepcopy(smoke_config)
+    cfg["search"].update(seeds=[0, 1], budgets=[1.0, 0.7], seeds_by_budget={"0.7": [0]})
+    args = (tmp_path / "fp32.pt", None, None, tmp_path / "a.csv", tmp_path / "a.json", tmp_path / "a.png",
+            tmp_path / "a.state.pt", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"seed 1 is not among the profile's seeds at budget 0.7% \[0\]"):
+        run_search(cfg, 0.25, "arq", 0.7, 1, *args)
+    with pytest.raises(ValueError, match="seed 2 is not among"):
+        run_search(cfg, 0.25, "arq", 1.0, 2, *args)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

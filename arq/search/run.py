@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from arq import models, policy
+from arq import layout, models, policy
 from arq.config import config_hash, search_settings
 from arq.io import origin, provenance, set_aside, sha256_file, torch_save, write_text
 from arq.search.constraint import enforce_budget
@@ -93,14 +93,15 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
                cache_path: str | Path | None, out_csv: str | Path, out_policy: str | Path, out_png: str | Path,
                state_path: str | Path, device: torch.device, log: Callable = print,
                progress: bool = True) -> dict:
-    """Run (or resume) one search with one of ``search.seeds``; write the episode CSV, the best policy and the
-    learning curve."""
+    """Run (or resume) one search with one of its budget's seeds (``arq.layout.seeds``); write the episode CSV, the
+    best policy and the learning curve."""
     from arq.irs import NOISE_SCHEME, Cache
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
-    if seed not in config["search"]["seeds"]:
-        raise ValueError(f"seed {seed} is not among the profile's search.seeds {config['search']['seeds']}")
+    if seed not in layout.seeds(config, budget):
+        raise ValueError(f"seed {seed} is not among the profile's seeds at budget {budget}% "
+                         f"{layout.seeds(config, budget)} (search.seeds, search.seeds_by_budget)")
     reward_kind, agent_kind = METHODS[method]
     sc = config["search"]
     start = time.perf_counter()
