@@ -9,9 +9,16 @@ each job's parameters, so a later config change still reruns what it affects), a
 find nothing to do: a missing output is an error, not a job. ``add`` requires the same of the finished run before
 ``dvc add`` rewrites the files it tracks, and restamps after it. Nothing is ever recomputed to paper over a
 missing or corrupt artifact.
+
+A profile with ``artifacts.prepared_data: false`` (the cpu study, whose remote lives inside the repository) leaves
+the prepared dataset out: ``pull`` rebuilds it from ``data.path`` with the workflow's own ``prepare_data`` job and
+refuses a rebuild whose sha256 differs from the committed manifest's, so every pulled checkpoint still meets the
+data it was made from. A run done in pieces publishes each finished piece with ``--partial``: the outputs present
+are tracked and stamped, and the jobs still to run are listed instead of refused.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,30 +145,53 @@ def _refuse_ignored_records(files: list[Path], root: Path) -> None:
                             + ". Drop those lines from .gitignore to publish the profile, then run this again.")
 
 
-def add(config: dict, configfiles: list[str], root: str | Path = ".", log=print) -> list[Path]:
-    """Track every binary output of a finished profile with DVC (``dvc add``), then restamp the outputs so that
-    Snakemake does not take the rewritten files for new inputs. Refuses a workflow with jobs still to run."""
-    root = Path(root)
+def prepared_data(config: dict) -> Path:
+    return Path(layout.prepared_dir(config)) / "cifar10.pt"
+
+
+def published(config: dict, root: str | Path = ".") -> list[Path]:
+    """The binary outputs present under ``root`` that the profile publishes: all of them, less the prepared data
+    where ``artifacts.prepared_data`` is false."""
     try:
         files = layout.binary_outputs(config, root)
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
+    if not config["artifacts"]["prepared_data"]:
+        files = [f for f in files if f != prepared_data(config)]
+    return files
+
+
+def _report_pending(configfiles: list[str], root: Path, log) -> None:
+    jobs = pending(configfiles, root)
+    log("the workflow is complete" if jobs is None else f"a partial run: these jobs are still to run\n{jobs}")
+
+
+def add(config: dict, configfiles: list[str], root: str | Path = ".", log=print, partial: bool = False) -> list[Path]:
+    """Track the binary outputs of a finished profile with DVC (``dvc add``; ``published``), then restamp the outputs
+    so that Snakemake does not take the rewritten files for new inputs. Refuses a workflow with jobs still to run,
+    unless ``partial`` (one finished piece of a run: what is there is tracked, and the jobs left are listed)."""
+    root = Path(root)
+    files = published(config, root)
     if not files:
         raise ArtifactError(f"profile {config['profile']!r} has no binary outputs under {root}: run its workflow")
     _refuse_ignored_records(files, root)
-    _require_done(configfiles, root, "Before tracking (nothing was added)")
+    if not partial:
+        _require_done(configfiles, root, "Before tracking (nothing was added; a piece of a run: --partial)")
     log(f"dvc add: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("add", *map(str, files)), root, "dvc add")
     restamp(configfiles, root)
-    _require_done(configfiles, root, "After dvc add")
+    if partial:
+        _report_pending(configfiles, root, log)
+    else:
+        _require_done(configfiles, root, "After dvc add")
     return files
 
 
 def push(config: dict, configfiles: list[str], remote: str | None = None, root: str | Path = ".",
-         log=print) -> list[Path]:
+         log=print, partial: bool = False) -> list[Path]:
     """``add``, then upload the tracked files to the DVC remote (the default one unless named)."""
     root = Path(root)
-    files = add(config, configfiles, root, log)
+    files = add(config, configfiles, root, log, partial)
     _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
     text = [layout.results_dir(config), layout.figures_dir(config), f"{layout.prepared_dir(config)}/manifest.json"]
     log(f"pushed {len(files)} file(s). Commit their records with the text results (a git-ignored profile needs its "
@@ -169,16 +199,64 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
     return files
 
 
+def _manifest_sha(config: dict, root: Path) -> str:
+    manifest = prepared_data(config).parent / "manifest.json"
+    try:
+        return json.loads((root / manifest).read_text())["file_sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{manifest}: cannot read the sha256 of the prepared data ({exc}); it is committed with "
+                            "the profile's results and names the data the models were made from") from None
+
+
+def _check_data(config: dict, root: Path) -> None:
+    """An unpublished prepared dataset already on disk must be the one the committed manifest names."""
+    data = prepared_data(config)
+    have = file_digest(root / data, "sha256")
+    if have != _manifest_sha(config, root):
+        raise ArtifactError(f"{data} (sha256 {have}) is not the data the published models were made from "
+                            f"({data.parent / 'manifest.json'}); delete it and pull again to rebuild it")
+
+
+def rebuild_data(config: dict, configfiles: list[str], root: Path, log=print) -> None:
+    """Rebuild an unpublished prepared dataset from ``data.path`` (the workflow's ``prepare_data`` job) and require
+    it to be the one the committed manifest describes; the manifest itself is kept as committed."""
+    data = prepared_data(config)
+    manifest = data.parent / "manifest.json"
+    want = _manifest_sha(config, root)
+    committed = (root / manifest).read_text()
+    log(f"rebuilding {data} from {config['data']['path']} (not published: artifacts.prepared_data is false)")
+    try:
+        _run([sys.executable, "-m", "snakemake", "--cores", str(config["resources"]["prepare"]["threads"]),
+              str(data), "--configfile", *configfiles], root, "rebuilding the prepared data")
+        have = json.loads((root / manifest).read_text())["file_sha256"]
+    finally:
+        (root / manifest).write_text(committed)
+    if have != want:
+        (root / data).unlink()
+        raise ArtifactError(f"the data rebuilt from {config['data']['path']} (sha256 {have}) is not the data the "
+                            f"published models were made from ({manifest}: {want}); it was removed. Check data.path "
+                            "and the archive's checksum")
+
+
 def pull(config: dict, configfiles: list[str], remote: str | None = None, root: str | Path = ".",
-         log=print) -> list[Path]:
-    """Download the profile's tracked files, verify each against its record, stamp the outputs in DAG order and
-    require the workflow to be complete: ``snakemake -n`` then has nothing to do."""
+         log=print, partial: bool = False) -> list[Path]:
+    """Download the profile's tracked files, verify each against its record (rebuild the prepared data where it is
+    not published), stamp the outputs in DAG order and require the workflow to be complete: ``snakemake -n`` then
+    has nothing to do. With ``partial`` (a run published piece by piece), the jobs left are listed instead."""
     root = Path(root)
     files = _records(config, root, "pull")
     log(f"dvc pull: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("pull", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc pull")
     verify(config, root)
+    if not config["artifacts"]["prepared_data"]:
+        if (root / prepared_data(config)).exists():
+            _check_data(config, root)
+        else:
+            rebuild_data(config, configfiles, root, log)
     restamp(configfiles, root)
-    _require_done(configfiles, root, "After the pull")
+    if partial:
+        _report_pending(configfiles, root, log)
+    else:
+        _require_done(configfiles, root, "After the pull (a run published in pieces: --partial)")
     log(f"verified {len(files)} file(s) against their records; outputs stamped in DAG order")
     return files

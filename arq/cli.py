@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the profile YAML, as given to snakemake --configfile")
     p.add_argument("overlays", nargs="*", help="further --configfile YAMLs of the run, in order")
     p.add_argument("--remote", default=None, help="DVC remote name (default: the repository's default remote)")
+    p.add_argument("--partial", action="store_true",
+                   help="a run done in pieces: add/push/pull what is there and list the jobs left, instead of "
+                        "refusing an unfinished workflow")
 
     p = sub.add_parser("regenerate", help="rebuild a profile's tables and figures from its committed text results")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
@@ -232,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                 n = len(artifacts.verify(config))
                 print(f"profile {config['profile']!r}: {n} DVC-tracked file(s) match their records")
             elif args.action == "add":
-                artifacts.add(config, files)
+                artifacts.add(config, files, partial=args.partial)
             else:
-                getattr(artifacts, args.action)(config, files, args.remote)
+                getattr(artifacts, args.action)(config, files, args.remote, partial=args.partial)
             return 0
         if args.command == "regenerate":
             import tempfile

@@ -188,8 +188,9 @@ def combine(summaries: list[dict], resamples: int, seed: int) -> dict:
 def print_table(result: dict) -> None:
     for name, v in result["proxies"].items():
         f = v["spearman"]
+        verdict = "validated (interval above 0)" if f["low"] > 0 else "not validated (interval includes 0)"
         print(f"  {name:16s} ρ = {f['rho']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]  "
-              f"{v['seconds_per_episode']:.1f} s per episode", flush=True)
+              f"{v['seconds_per_episode']:.1f} s per episode  {verdict}", flush=True)
 
 
 class Study:

@@ -62,6 +62,33 @@ def test_binary_outputs_are_what_the_dag_writes_not_leftovers(tmp_path, smoke_co
         "results/smoke/irs/cache_sigma0.25.pt", "results/smoke/search/arq_b1.5_s0_sigma0.25.state.pt"]
 
 
+def test_a_profile_that_does_not_publish_its_data_leaves_it_out(tmp_path, smoke_config):
+    for rel in ("data/prepared/smoke/cifar10.pt", "results/smoke/models/fp32_sigma0.25/model.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert len(artifacts.published(smoke_config, tmp_path)) == 2
+    cfg = copy.deepcopy(smoke_config)
+    cfg["artifacts"]["prepared_data"] = False
+    assert [str(p) for p in artifacts.published(cfg, tmp_path)] == ["results/smoke/models/fp32_sigma0.25/model.pt"]
+
+
+def test_unpublished_data_on_disk_must_be_the_manifest_s(tmp_path, smoke_config):
+    from arq.io import file_digest
+
+    data = tmp_path / "data" / "prepared" / "smoke" / "cifar10.pt"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"tensors")
+    manifest = data.parent / "manifest.json"
+    manifest.write_text(json.dumps({"file_sha256": file_digest(data)}))
+    artifacts._check_data(smoke_config, tmp_path)
+    data.write_bytes(b"other tensors")
+    with pytest.raises(artifacts.ArtifactError, match="is not the data the published models were made from"):
+        artifacts._check_data(smoke_config, tmp_path)
+    manifest.unlink()
+    with pytest.raises(artifacts.ArtifactError, match="manifest.json: cannot read the sha256"):
+        artifacts._check_data(smoke_config, tmp_path)
+
+
 def test_paths_outside_the_repository_are_a_clear_error(tmp_path, smoke_config):
     cfg = copy.deepcopy(smoke_config)
     cfg["paths"]["results"] = str(tmp_path / "elsewhere")

@@ -442,6 +442,79 @@ def test_reviewer_without_the_dataset_is_told_to_pull_not_that_the_source_is_mis
         _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
 
 
+def _unpublish_data(clone: Path) -> tuple[Path, bytes, bytes]:
+    """The clone as a profile with ``artifacts.prepared_data: false`` would leave it: no record of the prepared data,
+    no data; returns what to put back."""
+    data = clone / "data" / "prepared" / "smoke" / "cifar10.pt"
+    profile = yaml.safe_load((clone / "config" / "smoke-ci.yaml").read_text())
+    profile["artifacts"]["prepared_data"] = False
+    (clone / "config" / "unpublished.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    record, kept = Path(f"{data}.dvc").read_bytes(), data.read_bytes()
+    Path(f"{data}.dvc").unlink()
+    data.unlink()
+    return data, record, kept
+
+
+def _republish_data(clone: Path, data: Path, record: bytes, kept: bytes) -> None:
+    data.write_bytes(kept)
+    Path(f"{data}.dvc").write_bytes(record)
+    (clone / "config" / "unpublished.yaml").unlink()
+    _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+
+
+@pytest.mark.e2e
+def test_reviewer_pull_rebuilds_unpublished_data_identical_to_the_manifest(reviewer):
+    """The in-repository remote leaves the prepared data out: pull rebuilds it from the archive, byte for byte the
+    data the models were made from (the committed manifest's sha256), and keeps the manifest as committed."""
+    origin, clone, *_ = reviewer
+    from arq.io import file_digest
+
+    manifest = clone / "data" / "prepared" / "smoke" / "manifest.json"
+    committed = manifest.read_text()
+    data, record, kept = _unpublish_data(clone)
+    try:
+        out = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/unpublished.yaml")
+        assert "rebuilding data/prepared/smoke/cifar10.pt from" in out
+        assert file_digest(data) == json.loads(committed)["file_sha256"]
+        assert manifest.read_text() == committed
+        r = _clone_snakemake(clone, "-n")
+        assert "Nothing to be done" in r.stdout + r.stderr, _tail(r)
+        # a rebuild that is not the published data is refused and removed, the manifest kept
+        manifest.write_text(committed.replace(json.loads(committed)["file_sha256"], "0" * 64))
+        data.unlink()
+        r = subprocess.run([sys.executable, "-m", "arq", "artifacts", "pull", "config/unpublished.yaml"], cwd=clone,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "is not the data the published models were made from" in r.stdout + r.stderr
+        assert not data.exists() and '"file_sha256": "' + "0" * 64 in manifest.read_text()
+    finally:
+        manifest.write_text(committed)
+        _republish_data(clone, data, record, kept)
+
+
+@pytest.mark.e2e
+def test_reviewer_pull_of_a_run_published_in_pieces_lists_the_jobs_left(reviewer):
+    """A piece of a run: one model not made yet. pull refuses an unfinished workflow unless --partial, which
+    restores and stamps what is there and lists what is left."""
+    origin, clone, *_ = reviewer
+    model = clone / "results" / "smoke" / "models" / "random_b1.5_s0_sigma0.25" / "model.pt"
+    record, kept = Path(f"{model}.dvc").read_bytes(), model.read_bytes()
+    Path(f"{model}.dvc").unlink()
+    model.unlink()
+    try:
+        r = subprocess.run([sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml"], cwd=clone,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "still has jobs to run" in r.stdout + r.stderr and "--partial" in r.stdout + r.stderr
+        out = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "--partial", "config/smoke-ci.yaml")
+        assert "a partial run: these jobs are still to run" in out and "finetune" in out
+        r = _clone_snakemake(clone, "-n")
+        counts = job_counts(r.stdout + r.stderr)
+        assert counts["finetune"] == 1 and "search" not in counts and "train_base" not in counts, counts
+    finally:
+        model.write_bytes(kept)
+        Path(f"{model}.dvc").write_bytes(record)
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+
+
 @pytest.mark.e2e
 def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
     origin, clone, *_ = reviewer
