@@ -148,13 +148,18 @@ def bits_fidelity(rows: list[dict], names) -> dict:
 COMBINED_SAME = ("budget_pct", "sigma", "profile", "config_hash", "outcome")
 
 
+def _settings_of(value):
+    """A summary field without what its batch measured (the outcome's ACR range), so that settings compare."""
+    return {k: v for k, v in value.items() if k != "acr_range"} if isinstance(value, dict) else value
+
+
 def combine(summaries: list[dict], resamples: int, seed: int) -> dict:
     """The batches of several runs (other ``--seed``, same settings) as one study: pooled Spearman ρ per proxy
     with a bootstrap interval stratified by batch, each batch's own ρ, and the 2-bit-layer table over all rows."""
     if len(summaries) < 2:
         raise SystemExit("--combine needs at least two summaries")
     for key in COMBINED_SAME:
-        values = {json.dumps(s_[key], sort_keys=True) for s_ in summaries}
+        values = {json.dumps(_settings_of(s_[key]), sort_keys=True) for s_ in summaries}
         if len(values) > 1:
             raise SystemExit(f"the summaries differ in {key!r}; only batches of the same study can be combined")
     settings = {json.dumps({k: v["settings"] for k, v in s_["proxies"].items()}, sort_keys=True) for s_ in summaries}

@@ -86,6 +86,7 @@ def test_combine_pools_the_batches_and_keeps_each_batch_rho():
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(config_hash="other"), "config_hash"),
     (lambda s: s["outcome"].update(n=500), "outcome"),
+    (lambda s: s["outcome"].update(acr_range=[0.1, 0.2]), None),  # measured, not a setting: combines
     (lambda s: s["proxies"]["bn"]["settings"].update(reward="haq"), "different proxies"),
     (lambda s: s["args"].update(seed=0), "share a --seed"),
 ])
@@ -94,6 +95,9 @@ def test_combine_refuses_batches_of_another_study(change, message):
     b = copy.deepcopy(a)
     b["args"]["seed"] = 1
     change(b)
+    if message is None:
+        assert po.combine([a, b], 50, 0)["policies"] == 8
+        return
     with pytest.raises(SystemExit, match=message):
         po.combine([a, b], 50, 0)
     with pytest.raises(SystemExit, match="at least two"):
