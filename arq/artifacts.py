@@ -193,7 +193,8 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
     root = Path(root)
     files = add(config, configfiles, root, log, partial)
     _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
-    text = [layout.results_dir(config), layout.figures_dir(config), f"{layout.prepared_dir(config)}/manifest.json"]
+    text = [t for t in (layout.results_dir(config), layout.figures_dir(config),
+                        f"{layout.prepared_dir(config)}/manifest.json") if (root / t).exists()]  # a piece may lack some
     log(f"pushed {len(files)} file(s). Commit their records with the text results (a git-ignored profile needs its "
         f"lines dropped from .gitignore first): git add {' '.join(f'{f}.dvc' for f in files)} {' '.join(text)}")
     return files
