@@ -492,26 +492,30 @@ def test_reviewer_pull_rebuilds_unpublished_data_identical_to_the_manifest(revie
 
 
 @pytest.mark.e2e
-def test_reviewer_pull_of_a_run_published_in_pieces_lists_the_jobs_left(reviewer):
-    """A piece of a run: one model not made yet. pull refuses an unfinished workflow unless --partial, which
-    restores and stamps what is there and lists what is left."""
+def test_reviewer_pull_of_a_run_published_in_pieces_lists_the_jobs_left(reviewer, tmp_path):
+    """A piece of a run: one model and its certificates not made yet (as a piece that stopped before them leaves
+    the tree). pull refuses an unfinished workflow unless --partial, which restores and stamps what is there and
+    lists what is left."""
     origin, clone, *_ = reviewer
-    model = clone / "results" / "smoke" / "models" / "random_b1.5_s0_sigma0.25" / "model.pt"
-    record, kept = Path(f"{model}.dvc").read_bytes(), model.read_bytes()
-    Path(f"{model}.dvc").unlink()
-    model.unlink()
+    res = clone / "results" / "smoke"
+    name = "random_b1.5_s0_sigma0.25"
+    absent = [res / "models" / name] + [res / d / f"{name}.{ext}" for d in ("certify", "irs") for ext in ("tsv", "json")]
+    for k, path in enumerate(absent):
+        shutil.move(path, tmp_path / str(k))
     try:
         r = subprocess.run([sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml"], cwd=clone,
                            capture_output=True, text=True, timeout=600)
-        assert r.returncode != 0 and "still has jobs to run" in r.stdout + r.stderr and "--partial" in r.stdout + r.stderr
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "still has jobs to run" in out and "--partial" in out, out
         out = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "--partial", "config/smoke-ci.yaml")
         assert "a partial run: these jobs are still to run" in out and "finetune" in out
         r = _clone_snakemake(clone, "-n")
         counts = job_counts(r.stdout + r.stderr)
-        assert counts["finetune"] == 1 and "search" not in counts and "train_base" not in counts, counts
+        assert counts["finetune"] == 1 and counts["certify_incremental"] == 1, counts
+        assert "search" not in counts and "train_base" not in counts, counts
     finally:
-        model.write_bytes(kept)
-        Path(f"{model}.dvc").write_bytes(record)
+        for k, path in enumerate(absent):
+            shutil.move(tmp_path / str(k), path)
         _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
 
 

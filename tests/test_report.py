@@ -58,7 +58,7 @@ def _write_summary(path, sigma, table):
          "engine": {"channels_last": True, "compile": False, "dtype": "float32"},
          "subset_rule": "every 20-th test image of the canonical order", "data_note": "synthetic",
          "profile": "unit", "config_hash": "0" * 16, "git_commit": "abc", "device": "cpu", "torch": torch.__version__,
-         "wall_seconds": 12.5}
+         "wall_seconds": 12.5, "upstream": {"model": {"source": "model.pt", "config_hash": "0" * 16}}}
     path.write_text(json.dumps(s))
     return path
 
