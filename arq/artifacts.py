@@ -146,7 +146,7 @@ def _refuse_ignored_records(files: list[Path], root: Path) -> None:
 
 
 def prepared_data(config: dict) -> Path:
-    return Path(layout.prepared_dir(config)) / "cifar10.pt"
+    return Path(layout.prepared_data(config))
 
 
 def published(config: dict, root: str | Path = ".") -> list[Path]:

@@ -107,8 +107,8 @@ def device_name(device: torch.device, threads: bool = True) -> str:
 
 
 def origin(source: str | os.PathLike, record: dict) -> dict:
-    """Who made an input: its path (or what made it) and the config hash and commit its record (checkpoint metadata or result JSON)
-    carries. An input the workflow reused from an earlier run may come from an older config than the one now
+    """Who made an input: its path (or what made it) and the config hash and commit its record (checkpoint metadata
+    or result JSON) carries. An input the workflow reused from an earlier run may come from an older config than the one now
     running; a stage records this beside its own ``config_hash`` so that both can be traced."""
     found = {k: record[k] for k in ("config_hash", "git_commit") if k in record}
     return {"source": str(source), **found}

@@ -59,6 +59,11 @@ def prepared_dir(config: dict) -> str:
     return f"{config['paths']['data']}/prepared/{config['profile']}"
 
 
+def prepared_data(config: dict) -> str:
+    """The prepared dataset's tensor file (its manifest lies beside it)."""
+    return f"{prepared_dir(config)}/cifar10.pt"
+
+
 def report_dir(config: dict) -> str:
     return f"{results_dir(config)}/report"
 
@@ -155,7 +160,7 @@ def binaries(config: dict) -> list[str]:
     states (resume files a search keeps when it ends, useful for extending it). Leftovers on disk that the DAG does
     not make (models of a σ no longer listed, interrupted-run files) are not among them."""
     res, sig = results_dir(config), sigmas(config)
-    return ([f"{prepared_dir(config)}/cifar10.pt"]
+    return ([prepared_data(config)]
             + [f"{res}/models/{m}_sigma{s}/model.pt" for s in sig for m in methods(config)]
             + [f"{res}/irs/cache_sigma{s}.pt" for s in sig]
             + [f"{res}/search/{m}_sigma{s}.state.pt" for s in sig for m in searched(config)])

@@ -144,7 +144,8 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
             log(f"resuming from {state_path} after episode {first} of {sc['episodes']}")
 
     log(f"search {method} (reward {reward_kind}, agent {agent_kind}, seed {seed}) at σ={sigma}, budget {budget}% of "
-        f"FP32 BitOps, {len(env.steps)} steps per episode, {sc['episodes']} episodes ({sc['warmup']} warm-up), on {device}")
+        f"FP32 BitOps, {len(env.steps)} steps per episode, {sc['episodes']} episodes ({sc['warmup']} warm-up), "
+        f"on {device}")
     bar = None
     if progress:
         from tqdm import tqdm
