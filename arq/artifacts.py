@@ -195,9 +195,24 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
     _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
     text = [t for t in (layout.results_dir(config), layout.figures_dir(config),
                         f"{layout.prepared_dir(config)}/manifest.json") if (root / t).exists()]  # a piece may lack some
+    text += _remote_inside(root, remote)
     log(f"pushed {len(files)} file(s). Commit their records with the text results (a git-ignored profile needs its "
         f"lines dropped from .gitignore first): git add {' '.join(f'{f}.dvc' for f in files)} {' '.join(text)}")
     return files
+
+
+def _remote_inside(root: Path, remote: str | None) -> list[str]:
+    """The remote's directory, relative to ``root``, where the remote lives inside the repository (its objects are
+    committed with the records); nothing for any other remote."""
+    name = remote or _run(dvc("remote", "default"), root, "dvc remote default").strip()
+    for line in _run(dvc("remote", "list"), root, "dvc remote list").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == name and "://" not in parts[1]:
+            try:
+                return [str(layout.inside(parts[1], root))]
+            except ValueError:
+                return []
+    return []
 
 
 def _manifest_sha(config: dict, root: Path) -> str:

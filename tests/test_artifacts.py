@@ -268,3 +268,12 @@ def test_the_check_names_an_inconsistent_input_file(tmp_path, monkeypatch, what)
     from arq.cli import main
 
     assert main(["regenerate", "--config", str(REPO / "config" / "cpu-v1.yaml"), "--check"]) == 1
+
+
+def test_push_names_a_remote_inside_the_repository_for_git(profile, tmp_path):
+    """An in-repository remote's objects are committed with the records, so push's git add line names its folder."""
+    root, _ = profile
+    _sh(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "inside", "artifacts/dvc")
+    _sh(root, sys.executable, "-m", "dvc", "remote", "add", "outside", str(tmp_path / "elsewhere"))
+    assert artifacts._remote_inside(root, None) == ["artifacts/dvc"]
+    assert artifacts._remote_inside(root, "outside") == []
