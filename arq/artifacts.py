@@ -203,16 +203,16 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
 
 def _remote_inside(root: Path, remote: str | None) -> list[str]:
     """The remote's directory, relative to ``root``, where the remote lives inside the repository (its objects are
-    committed with the records); nothing for any other remote."""
+    committed with the records); nothing for any other remote. A relative url in DVC's config is relative to
+    ``.dvc/`` (``dvc remote list`` wraps long paths, so the config is read instead)."""
     name = remote or _run(dvc("remote", "default"), root, "dvc remote default").strip()
-    for line in _run(dvc("remote", "list"), root, "dvc remote list").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == name and "://" not in parts[1]:
-            try:
-                return [str(layout.inside(parts[1], root))]
-            except ValueError:
-                return []
-    return []
+    url = _run(dvc("config", f"remote.{name}.url"), root, "dvc config").strip()
+    if "://" in url:
+        return []
+    try:
+        return [str(layout.inside(root / ".dvc" / url, root))]
+    except ValueError:
+        return []
 
 
 def _manifest_sha(config: dict, root: Path) -> str:
