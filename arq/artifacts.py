@@ -205,9 +205,12 @@ def _remote_inside(root: Path, remote: str | None) -> list[str]:
     """The remote's directory, relative to ``root``, where the remote lives inside the repository (its objects are
     committed with the records); nothing for any other remote. A relative url in DVC's config is relative to
     ``.dvc/`` (``dvc remote list`` wraps long paths, so the config is read instead)."""
-    name = remote or _run(dvc("remote", "default"), root, "dvc remote default").strip()
-    url = _run(dvc("config", f"remote.{name}.url"), root, "dvc config").strip()
-    if "://" in url:
+    try:
+        name = remote or _run(dvc("remote", "default"), root, "dvc remote default").strip()
+        url = _run(dvc("config", f"remote.{name}.url"), root, "dvc config").strip() if name else ""
+    except ArtifactError:  # no such remote: dvc push has already said so
+        return []
+    if not url or "://" in url:
         return []
     try:
         return [str(layout.inside(root / ".dvc" / url, root))]
