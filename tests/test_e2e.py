@@ -14,6 +14,7 @@ import yaml
 
 from arq import config as arq_config
 from conftest import require_real_archive
+from documented import repository_copy, link_beside, run_documented
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -211,10 +212,11 @@ def test_a_missing_source_is_refused_before_anything_is_scheduled(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """README's main job, verbatim, in a copy of the repository (the install is CI's own)."""
     require_real_archive(ARCHIVE)
-    workdir = tmp_path_factory.mktemp("smoke")
-    config = smoke_copy(workdir)
-    result = snakemake(workdir, "--cores", "2", "--configfile", str(config))
+    workdir = repository_copy(tmp_path_factory.mktemp("smoke"), "repo")
+    config = workdir / "config" / "smoke.yaml"
+    result = run_documented("snakemake --cores all --configfile config/smoke.yaml", workdir, timeout=1800)
     return workdir, arq_config.load(config), config, result
 
 
@@ -227,7 +229,6 @@ def _check_ran(smoke_run):
 @pytest.mark.e2e
 def test_smoke_pipeline_succeeds(smoke_run):
     workdir, cfg = _check_ran(smoke_run)
-    assert not (workdir / "config" / "config.yaml").exists()  # the default configfile was absent
     assert not list(workdir.rglob("*.partial")) and not list(workdir.rglob("*.resume.pt"))
 
 
@@ -303,15 +304,13 @@ def test_smoke_summary_json(smoke_run):
 @pytest.mark.e2e
 def test_smoke_second_run_has_nothing_to_do(smoke_run):
     workdir, _ = _check_ran(smoke_run)
-    config = smoke_run[2]
-    r = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
+    r = run_documented("snakemake -n --configfile config/<p>.yaml", workdir, fill={"<p>": "smoke"}, timeout=300)
     assert r.returncode == 0, _tail(r)
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
 # ------------------------------------------------------------- the reviewer's flow through a DVC remote
 
-CI_PATHS = {"data": "data", "results": "results", "figures": "figures", "logs": "logs"}
 PROFILE_DIRS = ("data/prepared/smoke", "results/smoke", "figures/smoke")
 
 
@@ -337,34 +336,35 @@ def reviewer(smoke_run, tmp_path_factory):
     remote), and a reviewer's fresh clone of it after ``arq artifacts pull``."""
     workdir, cfg = _check_ran(smoke_run)
     base = tmp_path_factory.mktemp("reviewer")
-    origin, clone, remote = base / "origin", base / "clone", base / "remote"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split()
-    for rel in listed:
-        if (REPO / rel).is_file():
-            (origin / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, origin / rel)
-    profile = yaml.safe_load(smoke_run[2].read_text())
-    profile["paths"] = CI_PATHS
-    (origin / "config" / "smoke-ci.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
-    for d in PROFILE_DIRS:  # as the run left them (copy2 keeps the modification times)
-        shutil.copytree(workdir / d, origin / d, ignore=shutil.ignore_patterns("config", "fp32_sigma0.5*"))
+    origin, clone, remote = repository_copy(base, "origin"), base / "clone", base / "remote"
     _publish(origin)
     _sh(origin, "git", "init", "-q")
     _sh(origin, "git", "config", "user.email", "ci@example.org")
     _sh(origin, "git", "config", "user.name", "ci")
     _sh(origin, sys.executable, "-m", "dvc", "remote", "add", "-d", "ci", str(remote))
-    pushed = _sh(origin, sys.executable, "-m", "arq", "artifacts", "push", "config/smoke-ci.yaml")
     _sh(origin, "git", "add", "-A")
+    _sh(origin, "git", "commit", "-qm", "the repository, publishing the smoke profile to a local remote")
+    for d in PROFILE_DIRS:  # as the run left them (copy2 keeps the modification times)
+        shutil.copytree(workdir / d, origin / d, ignore=shutil.ignore_patterns("config", "fp32_sigma0.5*"))
+    r = run_documented("arq artifacts push config/<p>.yaml", origin, fill={"<p>": "smoke"})
+    assert r.returncode == 0, _tail(r)
+    pushed = r.stdout + r.stderr
+    # the publisher runs the git add line push printed, verbatim: it must leave nothing of the run behind
+    add = "git add " + pushed.rsplit(": git add ", 1)[1].splitlines()[0]
+    _sh(origin, "bash", "-c", add)
+    left = _sh(origin, "git", "status", "--porcelain", "--untracked-files=all", "--", *PROFILE_DIRS)
+    assert left == "", f"{add!r} left out:\n{left}"
     _sh(origin, "git", "commit", "-qm", "smoke run: text results in git, binaries in DVC")
     _sh(base, "git", "clone", "-q", str(origin), str(clone))
-    pulled = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
-    return origin, clone, remote, pushed, pulled
+    link_beside(clone)
+    r = run_documented("arq artifacts pull config/<p>.yaml", clone, fill={"<p>": "smoke"})
+    assert r.returncode == 0, _tail(r)
+    return origin, clone, remote, pushed, r.stdout + r.stderr
 
 
 def _clone_snakemake(clone: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args, "--configfile",
-                           "config/smoke-ci.yaml"], cwd=clone, capture_output=True, text=True, timeout=timeout)
+                           "config/smoke.yaml"], cwd=clone, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.e2e
@@ -382,12 +382,14 @@ def test_reviewer_pull_restores_every_artifact_byte_for_byte(reviewer):
                                   capture_output=True).returncode == 0, rel  # ... the binary is not
         assert file_digest(clone / rel, "md5") == file_digest(origin / rel, "md5"), rel
     assert len(list((remote / "files" / "md5").rglob("*"))) > len(binaries)
+    r = run_documented("arq artifacts verify config/<p>.yaml", clone, fill={"<p>": "smoke"})
+    assert r.returncode == 0, _tail(r)
 
 
 @pytest.mark.e2e
 def test_reviewer_clone_has_nothing_to_do_and_a_deleted_table_reruns_only_the_report(reviewer):
     origin, clone, *_ = reviewer
-    r = _clone_snakemake(clone, "-n")
+    r = run_documented("snakemake -n --configfile config/<p>.yaml", clone, fill={"<p>": "smoke"})
     assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, _tail(r)
     table = clone / "results" / "smoke" / "report" / "table.md"
     before = table.read_text()
@@ -413,10 +415,10 @@ def test_reviewer_clone_refuses_to_recompute_a_missing_tracked_file(reviewer):
         assert r.returncode != 0
         out = r.stdout + r.stderr
         assert "1 file(s) tracked by DVC are missing, e.g. results/smoke/models/arq_b1.5_s0_sigma0.25/model.pt" in out
-        assert "arq artifacts pull config/smoke-ci.yaml" in out
+        assert "arq artifacts pull config/smoke.yaml" in out
     finally:
         model.write_bytes(kept)
-        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke.yaml")
 
 
 @pytest.mark.e2e
@@ -424,7 +426,7 @@ def test_reviewer_without_the_dataset_is_told_to_pull_not_that_the_source_is_mis
     """A reviewer who has not pulled yet, on a machine without the CIFAR-10 archive: the prepared data is a pull
     away, so that is what Snakemake says."""
     origin, clone, *_ = reviewer
-    profile = yaml.safe_load((clone / "config" / "smoke-ci.yaml").read_text())
+    profile = yaml.safe_load((clone / "config" / "smoke.yaml").read_text())
     profile["data"]["path"] = str(clone / "absent" / "cifar10-jpeg.tar.gz")
     (clone / "config" / "no-archive.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     data = clone / "data" / "prepared" / "smoke" / "cifar10.pt"
@@ -439,14 +441,14 @@ def test_reviewer_without_the_dataset_is_told_to_pull_not_that_the_source_is_mis
     finally:
         data.write_bytes(kept)
         (clone / "config" / "no-archive.yaml").unlink()
-        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke.yaml")
 
 
 def _unpublish_data(clone: Path) -> tuple[Path, bytes, bytes]:
     """The clone as a profile with ``artifacts.prepared_data: false`` would leave it: no record of the prepared data,
     no data; returns what to put back."""
     data = clone / "data" / "prepared" / "smoke" / "cifar10.pt"
-    profile = yaml.safe_load((clone / "config" / "smoke-ci.yaml").read_text())
+    profile = yaml.safe_load((clone / "config" / "smoke.yaml").read_text())
     profile["artifacts"]["prepared_data"] = False
     (clone / "config" / "unpublished.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     record, kept = Path(f"{data}.dvc").read_bytes(), data.read_bytes()
@@ -459,7 +461,7 @@ def _republish_data(clone: Path, data: Path, record: bytes, kept: bytes) -> None
     data.write_bytes(kept)
     Path(f"{data}.dvc").write_bytes(record)
     (clone / "config" / "unpublished.yaml").unlink()
-    _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+    _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke.yaml")
 
 
 @pytest.mark.e2e
@@ -503,25 +505,32 @@ def test_reviewer_pull_of_a_run_published_in_pieces_lists_the_jobs_left(reviewer
     for k, path in enumerate(absent):
         shutil.move(path, tmp_path / str(k))
     try:
-        r = subprocess.run([sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml"], cwd=clone,
+        r = subprocess.run([sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke.yaml"], cwd=clone,
                            capture_output=True, text=True, timeout=600)
         out = r.stdout + r.stderr
         assert r.returncode != 0 and "still has jobs to run" in out and "--partial" in out, out
-        out = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "--partial", "config/smoke-ci.yaml")
+        out = _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "--partial", "config/smoke.yaml")
         assert "a partial run: these jobs are still to run" in out and "finetune" in out
         r = _clone_snakemake(clone, "-n")
         counts = job_counts(r.stdout + r.stderr)
         assert counts["finetune"] == 1 and counts["certify_incremental"] == 1, counts
         assert "search" not in counts and "train_base" not in counts, counts
+        # the piece is published as it is: nothing new to add, the jobs left listed
+        r = run_documented("arq artifacts push --partial config/<p>.yaml", clone, fill={"<p>": "smoke"})
+        assert r.returncode == 0 and "still to run" in r.stdout + r.stderr and "finetune" in r.stdout, _tail(r)
+        status = _sh(clone, "git", "status", "--porcelain", "--", *PROFILE_DIRS).splitlines()
+        assert [line for line in status if not line.startswith(" D ")] == [], status  # only what was moved away
     finally:
         for k, path in enumerate(absent):
             shutil.move(tmp_path / str(k), path)
-        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke-ci.yaml")
+        _sh(clone, sys.executable, "-m", "arq", "artifacts", "pull", "config/smoke.yaml")
 
 
 @pytest.mark.e2e
 def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
     origin, clone, *_ = reviewer
+    r = run_documented("dvc metrics show", clone, timeout=300)
+    assert r.returncode == 0 and "results/smoke/report/metrics.json" in r.stdout, _tail(r)
     shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=clone,
                            capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, _tail(shown)
@@ -532,7 +541,8 @@ def test_reviewer_dvc_metrics_and_plots_show_the_smoke_results(reviewer):
                           "haq_b1.5_sigma0.25", "random_b1.5_sigma0.25", "arq_b1.5_sigma0.25"}
     assert smoke["fp32_sigma0.25"]["bitops_pct"] == 100.0 and 0 <= smoke["arq_b1.5_sigma0.25"]["ACR"] <= 1
     assert "results/cpu-v1/report/metrics.json" in metrics[""]["data"]  # the committed comparison is listed too
-    _sh(clone, sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots")
+    r = run_documented("dvc plots show", clone, timeout=300)  # writes dvc_plots/index.html
+    assert r.returncode == 0, _tail(r)
     html = (clone / "dvc_plots" / "index.html").read_text()
     assert "certified accuracy (smoke)" in html
     for model in smoke:
@@ -559,9 +569,8 @@ def test_reviewer_html_report_renders_every_table_and_figure_with_captions(revie
     from playwright.sync_api import sync_playwright
 
     origin, clone, *_ = reviewer
-    # exactly as README and ARTIFACT.md give it (no --cores: a report runs no job)
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--report", "report.html", "--configfile",
-                        "config/smoke-ci.yaml"], cwd=clone, capture_output=True, text=True, timeout=600)
+    # as ARTIFACT.md gives it (no --cores: a report runs no job)
+    r = run_documented("snakemake --report report.html --configfile config/smoke.yaml", clone)
     assert r.returncode == 0 and "Report created" in r.stdout + r.stderr, _tail(r)
     html = (clone / "report.html").read_text()
     for caption in ("one curve per method", "Weight and activation bits of each quantizable layer",
