@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from arq.variants import BASES
+
 # torch and the stages are imported where a subcommand needs them, so `arq --help` answers at once.
 
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, help="summary JSON")
     p.add_argument("--log-csv", required=True, help="per-epoch CSV")
     p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
+    p.add_argument("--base", default="fp32", choices=BASES,
+                   help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
     p = sub.add_parser("uniform", help="write the uniform WxAy policy of the configured architecture")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, required=True, help="σ the cache is for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="cache file")
     p.add_argument("--summary", required=True, help="JSON summary")
+    p.add_argument("--base", default="fp32", choices=BASES,
+                   help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
     p = sub.add_parser("certify-incremental", help="IRS certification of a quantized model against its FP32 cache")
     _common(p)
@@ -110,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", required=True, help="per-episode CSV")
     p.add_argument("--out-png", required=True, help="learning-curve figure")
     p.add_argument("--state", default=None, help="per-episode resume checkpoint (default: <out-csv>.state.pt)")
+    p.add_argument("--base", default="fp32", choices=BASES,
+                   help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
     p = sub.add_parser("hessian", help="HAWQ: Hutchinson trace of every quantizable layer's Hessian at σ")
     _common(p)
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise level σ of the loss (the FP32 checkpoint must match)")
     p.add_argument("--model", required=True, help="FP32 checkpoint trained at σ")
     p.add_argument("--out", required=True, help="JSON: traces per layer and the convergence history")
+    p.add_argument("--base", default="fp32", choices=BASES,
+                   help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
     p = sub.add_parser("allocate-hawq", help="HAWQ: bits per layer by integer linear program (CBC) under a budget")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
@@ -125,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the FP32 checkpoint the traces were computed for")
     p.add_argument("--hessian", required=True, help="JSON from `arq hessian`")
     p.add_argument("--out", required=True, help="policy JSON")
+    p.add_argument("--base", default="fp32", choices=BASES,
+                   help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             from arq.hawq.ilp import run_allocate
 
             run_allocate(config, args.sigma, args.budget, args.model, args.hessian, args.out,
-                         log=lambda t: print(t, flush=True))
+                         log=lambda t: print(t, flush=True), base=args.base)
             return 0
         data = load_prepared(args.data, args.manifest)
         device = _device(config)
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             from arq.train import train
 
             train(config, args.sigma, data, args.out, args.resume or str(Path(args.out).with_suffix(".resume.pt")),
-                  args.log_csv, args.metrics, device, log=lambda s: print(s, flush=True))
+                  args.log_csv, args.metrics, device, log=lambda s: print(s, flush=True), base=args.base)
         elif args.command == "finetune":
             from arq import policy
             from arq.train import finetune
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "irs-cache":
             from arq.irs import run_cache
 
-            s = run_cache(config, args.model, data, args.out, args.summary, device, args.sigma)
+            s = run_cache(config, args.model, data, args.out, args.summary, device, args.sigma, base=args.base)
             print(f"σ={s['sigma']}: cached {s['images']} val images, ACR {s['acr']:.3f}, "
                   f"{s['samples_per_s']:.0f} samples/s")
         elif args.command == "certify-incremental":
@@ -311,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             doc = run_search(config, args.sigma, args.method, args.budget, args.seed, args.model, data, args.cache,
                              args.out_csv,
                              args.out_policy, args.out_png, args.state or f"{args.out_csv}.state.pt", device,
-                             log=lambda t: print(t, flush=True))
+                             log=lambda t: print(t, flush=True), base=args.base)
             print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "
                   f"{doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out_policy}")
         elif args.command == "hessian":
             from arq.hawq.hessian import run_hessian
 
-            run_hessian(config, args.sigma, args.model, data, args.out, device, log=lambda t: print(t, flush=True))
+            run_hessian(config, args.sigma, args.model, data, args.out, device, log=lambda t: print(t, flush=True),
+                        base=args.base)
         elif args.command == "predict":
             from arq.smoothing import run_predict
 

@@ -65,6 +65,18 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"invalid configuration:\n  search.seeds_by_budget.{key}: seeds {extra} are not in "
                               f"search.seeds {sc['seeds']} (a budget runs a subset of them, so that its models "
                               "share seeds with the references for the paired tests)")
+    rb = config["robust_base"]
+    if rb["arms"]:
+        from arq import layout
+
+        if rb["bases"] == ["fp32"]:
+            raise ConfigError("invalid configuration:\n  robust_base.arms: robust_base.bases lists no robust base to "
+                              "finetune them from (add fp32_symreg, fp32_satnl or fp32_symreg_satnl)")
+        plain = {layout.parse(m).method for m in layout.methods({**config, "robust_base": {**rb, "arms": []}})}
+        for i, arm in enumerate(rb["arms"]):
+            if arm not in plain:
+                raise ConfigError(f"invalid configuration:\n  robust_base.arms.{i}: {arm} is not a method this profile "
+                                  f"runs ({', '.join(sorted(plain - {'fp32'}))})")
     if config["irs"]["n"] % config["irs"]["chunk"]:
         raise ConfigError("invalid configuration:\n  irs.n: must be a multiple of irs.chunk "
                           f"({config['irs']['n']} is not a multiple of {config['irs']['chunk']})")

@@ -283,15 +283,16 @@ def _val_subset(data, images: int | None):
 
 
 def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summary_json: str | Path,
-              device: torch.device, sigma: float, log: Callable = print) -> dict:
-    """The irs_cache stage: certify the FP32 model on the val subset once, keep what IRS replays."""
+              device: torch.device, sigma: float, log: Callable = print, base: str = "fp32") -> dict:
+    """The irs_cache stage: certify the FP32 model (the ``base`` variant) on the val subset once, keep what IRS
+    replays."""
     from arq import models
     from arq.io import origin, provenance, sha256_file, write_json
     from arq.smoothing import _progress
 
     start = time.perf_counter()
     ic = config["irs"]
-    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
+    model, meta = models.load_for_stage(model_path, config, sigma, base, log)
     if "policy" in meta:
         raise models.CheckpointError(f"{model_path} is quantized; the IRS cache is built from the FP32 model")
     engine = Engine.from_config(config)

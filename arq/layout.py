@@ -17,20 +17,36 @@ from pathlib import Path
 
 from arq.config import sigma_tag
 
-NAME = re.compile(r"(?P<family>[a-z0-9]+)(?:_(?P<variant>[a-z0-9.]+))?(?:_s(?P<seed>[0-9]+))?")
+NAME = re.compile(r"(?P<family>[a-z0-9]+)(?:_(?P<variant>[a-z0-9.]+))?")
+# a model made from a robust base variant (arq.variants) carries the variant's suffix before its seed
+BASE_SUFFIX = r"_symreg_satnl|_symreg|_satnl"
+SPLIT = re.compile(rf"(?P<rest>.+?)(?P<base>{BASE_SUFFIX})?(?:_s(?P<seed>[0-9]+))?")
 
 
 @dataclass(frozen=True)
 class Name:
-    """A parsed model name: ``arq_b1.0_s2`` → family 'arq', variant 'b1.0', budget 1.0, seed 2."""
+    """A parsed model name: ``arq_b1.0_s2`` → family 'arq', variant 'b1.0', budget 1.0, seed 2, base 'fp32';
+    ``arq_b1.0_symreg_s2`` → the same from the base ``fp32_symreg``; ``fp32_satnl`` → that base itself."""
 
     family: str
     variant: str | None
     seed: int | None
+    base: str = "fp32"
+
+    @property
+    def suffix(self) -> str:
+        """The base variant's suffix (``_symreg``; empty for the plain base)."""
+        return self.base[len("fp32"):]
 
     @property
     def method(self) -> str:
-        """The name without its seed: the report's row (``arq_b1.0``, ``uniform_w3a3``, ``fp32``)."""
+        """The name without its seed: the report's row (``arq_b1.0``, ``uniform_w3a3``, ``fp32``, ``arq_b1.0_satnl``,
+        ``fp32_symreg``)."""
+        return (self.family if self.variant is None else f"{self.family}_{self.variant}") + self.suffix
+
+    @property
+    def plain(self) -> str:
+        """The method as made from the plain base (``arq_b1.0_satnl`` → ``arq_b1.0``)."""
         return self.family if self.variant is None else f"{self.family}_{self.variant}"
 
     @property
@@ -45,10 +61,13 @@ def model_name(method: str, seed: int | None) -> str:
 
 
 def parse(name: str) -> Name:
-    m = NAME.fullmatch(name)
-    if not m:
-        raise ValueError(f"{name!r} is not a model name (fp32, or <family>_<variant>_s<seed>, e.g. arq_b1.0_s0)")
-    return Name(m["family"], m["variant"], None if m["seed"] is None else int(m["seed"]))
+    split = SPLIT.fullmatch(name)
+    m = NAME.fullmatch(split["rest"]) if split else None
+    if not m or (m["family"] == "fp32" and (split["seed"] is not None or m["variant"])):
+        raise ValueError(f"{name!r} is not a model name (fp32, or <family>_<variant>_s<seed>, e.g. arq_b1.0_s0, "
+                         f"optionally from a robust base: fp32_symreg, arq_b1.0_symreg_s0)")
+    base = "fp32" + (split["base"] or "")
+    return Name(m["family"], m["variant"], None if split["seed"] is None else int(split["seed"]), base)
 
 
 def results_dir(config: dict) -> str:
@@ -112,27 +131,52 @@ def uniform_tags(config: dict) -> list[str]:
 
 
 def searched(config: dict) -> list[str]:
-    """Searched models, e.g. ``arq_b1.0_s0``: every search method at every budget and that budget's seeds."""
-    return [model_name(f"{m}_b{b}", s) for m in config["search"]["methods"] for b in budgets(config)
-            for s in seeds(config, b)]
+    """Searched models, e.g. ``arq_b1.0_s0``: every search method at every budget and that budget's seeds; then the
+    searches run on each robust base for its arms (``arq_b1.0_symreg_s0``)."""
+    plain = [model_name(f"{m}_b{b}", s) for m in config["search"]["methods"] for b in budgets(config)
+             for s in seeds(config, b)]
+    return plain + [m for m in arms(config) if parse(m).family in config["search"]["methods"]]
+
+
+def bases(config: dict) -> list[str]:
+    """The FP32 base variants the profile trains (``robust_base.bases``): ``fp32`` first, then the robust ones."""
+    listed = config["robust_base"]["bases"]
+    return ["fp32"] + [b for b in listed if b != "fp32"]
+
+
+def arm_seeds(config: dict, method: str) -> list[int]:
+    """The seeds of a comparison method (``uniform_w3a3``, ``hawq_b1.0``, ``arq_b1.0``): its budget's, or the
+    uniform baseline's."""
+    name = parse(method)
+    if name.family == "uniform":
+        return uniform_seeds(config).get(name.variant.upper(), [])
+    return seeds(config, name.budget)
+
+
+def arms(config: dict) -> list[str]:
+    """The models finetuned from each robust base (``robust_base.arms`` × the robust bases × the arm's seeds), e.g.
+    ``arq_b1.0_symreg_s0``: the same methods, policies searched or allocated on that base."""
+    return [model_name(arm + base[len("fp32"):], s) for base in bases(config)[1:]
+            for arm in config["robust_base"]["arms"] for s in arm_seeds(config, arm)]
 
 
 def methods(config: dict) -> list[str]:
-    """Every model the comparison certifies, in workflow order: FP32, uniform, HAWQ, searched; quantized ones once
-    per seed of their budget (``seeds``)."""
+    """Every model the profile certifies, in workflow order: FP32, uniform, HAWQ, searched (quantized ones once per
+    seed of their budget, ``seeds``); then the robust bases and the arms finetuned from them."""
     uniform = [model_name(f"uniform_{tag.lower()}", s) for tag, chosen in uniform_seeds(config).items()
                for s in chosen]
     hawq = ([model_name(f"hawq_b{b}", s) for b in budgets(config) for s in seeds(config, b)]
             if config["hawq"]["enabled"] else [])
-    return ["fp32"] + uniform + hawq + searched(config)
+    return (["fp32"] + uniform + hawq + [m for m in searched(config) if parse(m).base == "fp32"]
+            + bases(config)[1:] + arms(config))
 
 
 def policy_name(model: str, sigma: str) -> str:
     """The file name of a quantized model's policy. Uniform policies depend on neither σ nor the seed, HAWQ's on σ
     only (the seed varies their finetune), a search's on σ and its seed."""
     name = parse(model)
-    if name.family == "uniform":
-        return f"{name.method}.json"
+    if name.family == "uniform":  # the same policy whatever the base
+        return f"{name.plain}.json"
     if name.family == "hawq":
         return f"{name.method}_sigma{sigma}.json"
     return f"{model}_sigma{sigma}.json"
@@ -142,6 +186,16 @@ def policy_file(config: dict, model: str, sigma: str) -> str:
     return f"{results_dir(config)}/policies/{policy_name(model, sigma)}"
 
 
+def cache_file(config: dict, base: str, sigma: str, ext: str = "pt") -> str:
+    """The IRS cache of a base variant at σ (its certification of the val subset): ``irs/cache_sigma0.25.pt`` for the
+    plain base, ``irs/cache_symreg_sigma0.25.pt`` for fp32_symreg."""
+    return f"{results_dir(config)}/irs/cache{base[len('fp32'):]}_sigma{sigma}.{ext}"
+
+
+def hessian_file(config: dict, base: str, sigma: str) -> str:
+    return f"{results_dir(config)}/hawq/hessian{base[len('fp32'):]}_sigma{sigma}.json"
+
+
 def report_inputs(config: dict) -> dict[str, list[str]]:
     """The text results the report reads: certification summaries and TSVs, policies, search CSVs and the FP32
     IRS cache summaries (their time counts towards the certified-reward searches)."""
@@ -149,9 +203,9 @@ def report_inputs(config: dict) -> dict[str, list[str]]:
     return {
         "summaries": [f"{res}/certify/{m}_sigma{s}.json" for s in sig for m in meth],
         "tsvs": [f"{res}/certify/{m}_sigma{s}.tsv" for s in sig for m in meth],
-        "policies": sorted({policy_file(config, m, s) for m in meth if m != "fp32" for s in sig}),
+        "policies": sorted({policy_file(config, m, s) for m in meth if parse(m).family != "fp32" for s in sig}),
         "search_csvs": [f"{res}/search/{m}_sigma{s}.csv" for s in sig for m in srch],
-        "irs_caches": [f"{res}/irs/cache_sigma{s}.json" for s in sig] if srch else [],
+        "irs_caches": sorted({cache_file(config, parse(m).base, s, "json") for m in srch for s in sig}),
     }
 
 
@@ -162,7 +216,7 @@ def binaries(config: dict) -> list[str]:
     res, sig = results_dir(config), sigmas(config)
     return ([prepared_data(config)]
             + [f"{res}/models/{m}_sigma{s}/model.pt" for s in sig for m in methods(config)]
-            + [f"{res}/irs/cache_sigma{s}.pt" for s in sig]
+            + [cache_file(config, b, s) for s in sig for b in bases(config)]
             + [f"{res}/search/{m}_sigma{s}.state.pt" for s in sig for m in searched(config)])
 
 

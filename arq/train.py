@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arq import models, quant, rng
+from arq import models, quant, rng, variants
 from arq.config import config_hash
 from arq.data import Prepared, Split, balanced
 from arq.io import origin, provenance, set_aside, torch_save, write_json, write_text
@@ -56,10 +56,13 @@ def noisy_accuracy(model: nn.Module, split: Split, sigma: float, batch_size: int
     return correct / len(split)
 
 
-def _train_fingerprint(config: dict, sigma: float, data_sha: str) -> dict:
-    """What a resume checkpoint must match: same recipe, same σ, same data."""
-    return {"train_hash": config_hash({"train": config["train"], "model": config["model"]}),
-            "sigma": sigma, "data_sha256": data_sha}
+def _train_fingerprint(config: dict, sigma: float, data_sha: str, base: str = "fp32") -> dict:
+    """What a resume checkpoint must match: same recipe (a robust variant's settings included), same σ, same data."""
+    recipe = {"train": config["train"], "model": config["model"]}
+    if base != "fp32":
+        recipe["robust_base"] = variants.settings(config, base)
+    return {"train_hash": config_hash(recipe), "sigma": sigma, "data_sha256": data_sha,
+            **({"base": base} if base != "fp32" else {})}
 
 
 def _to_device(split: Split, device: torch.device) -> Split:
@@ -96,20 +99,25 @@ def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sch
 
 def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, stream: str,
                seed: int, epochs: int, batch_size: int, device: torch.device, log=print, first_epoch: int = 0,
-               history: list[dict] | None = None, on_epoch=None) -> list[dict]:
+               history: list[dict] | None = None, on_epoch=None, objective: variants.Objective | None = None
+               ) -> list[dict]:
     """The training loop every stage shares (base training, QAT finetune, search episodes).
 
     Each epoch: crop/flip + N(0, σ²) noise on the device, SGD steps, then noisy accuracy on ``val_split``.
     ``stream`` names the random stream (arq.rng purpose) so that two stages with equal seeds draw different noise.
-    ``on_epoch(epoch, history)`` runs after each epoch (the stages save their resume checkpoint there)."""
+    ``on_epoch(epoch, history)`` runs after each epoch (the stages save their resume checkpoint there).
+    ``objective`` (a robust base variant's) adds a penalty to the cross-entropy and may make each step an (A)SAM
+    step; the history then also holds the penalty's mean."""
     history = list(history or [])
     n, bs = len(train_split), batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(first_epoch, epochs):
         model.train()
         gen = epoch_generator(stream, seed, epoch, device)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
+        penalty_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
@@ -118,11 +126,15 @@ def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Spli
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = train_split.y[idx]
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if objective is None:
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            else:
+                out, loss, penalty = objective.step(model, params, opt, x, y)
+                penalty_sum += penalty * len(idx)
             loss_sum += loss.detach() * len(idx)
             correct += (out.argmax(1) == y).sum()
         lr = opt.param_groups[0]["lr"]
@@ -132,9 +144,12 @@ def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Spli
         row = {"epoch": epoch + 1, "lr": lr, "loss": round(loss_sum.item() / n, 5),
                "train_acc": round(correct.item() / n, 5), "noisy_val_acc": round(val_acc, 5),
                "images_per_s": round(n / seconds, 1), "epoch_seconds": round(seconds, 3)}
+        if objective is not None:
+            row["penalty"] = round(penalty_sum.item() / n, 8)
         history.append(row)
         log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
-            f"noisy val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s  lr {lr:g}")
+            f"noisy val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s  lr {lr:g}"
+            + (f"  penalty {row['penalty']:.3g}" if objective is not None else ""))
         if on_epoch is not None:
             on_epoch(epoch + 1, history)
     return history
@@ -150,36 +165,45 @@ def _checkpointer(resume_path: Path, fingerprint: dict, model, opt, sched, log_c
 
 
 def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, resume_path: str | Path,
-          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print) -> dict:
-    """Train the base model at noise level σ; write the final checkpoint, a per-epoch CSV and a summary."""
+          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print, base: str = "fp32") -> dict:
+    """Train the base model at noise level σ; write the final checkpoint, a per-epoch CSV and a summary.
+
+    ``base`` names the variant (arq.variants): ``fp32``, or a robust one trained with SymReg and/or SatNL from the
+    same initial weights and batches. The checkpoint records it (as its ``method``) and holds ordinary weights."""
     tc = config["train"]
     start = time.perf_counter()
-    torch.manual_seed(tc["seed"])  # model initialisation
+    torch.manual_seed(tc["seed"])  # model initialisation: the same for every variant
     model = models.build(config["model"]["arch"]).to(device)
+    objective = variants.objective(config, base)
+    if objective is not None:
+        objective.prepare(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
-    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"])
+    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"], base)
     train_split = _to_device(first_images(data.train, tc["train_images"]), device)
     val_split = _to_device(balanced(data.val, tc["val_images"]), device)
 
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
-    log(f"training {config['model']['arch']} at σ={sigma} on {len(train_split)} images for {tc['epochs']} epochs "
-        f"on {device}")
+    log(f"training {config['model']['arch']} ({base}) at σ={sigma} on {len(train_split)} images for {tc['epochs']} "
+        f"epochs on {device}" + (f": {objective.describe()}" if objective is not None else ""))
     history = run_epochs(model, opt, sched, train_split, val_split, sigma, "train", tc["seed"], tc["epochs"], tc["batch_size"],
                          device, log, first_epoch, history,
-                         _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv))
+                         _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv), objective)
 
     wall = time.perf_counter() - start
+    extra = {}
+    if objective is not None:
+        extra = objective.finish(model)  # SatNL exported to ordinary weights; what the variant reached
     models.save_checkpoint(out_model, model.to(memory_format=torch.contiguous_format).cpu(),
-                           config["model"]["arch"], sigma=sigma, epoch=tc["epochs"], method="fp32",
+                           config["model"]["arch"], sigma=sigma, epoch=tc["epochs"], method=base,
                            profile=config["profile"], config_hash=config_hash(config),
                            data_sha256=data.manifest["file_sha256"])
-    summary = {"sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
+    summary = {"base": base, "sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
                "final_noisy_val_acc": history[-1]["noisy_val_acc"],
-               "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
+               "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1), **extra,
                **provenance(config, device, wall, {"data": origin("prepared data", data.manifest)})}
     write_json(metrics_json, summary)
     resume_path.unlink(missing_ok=True)  # the final checkpoint supersedes it
@@ -292,7 +316,7 @@ def finetune(config: dict, sigma: float, base_model: str | Path, policy_doc: dic
     fc = config["finetune"]
     seed = fc["seed"] + (parse(method).seed or 0)
     start = time.perf_counter()
-    model, meta = models.load_for_stage(base_model, config, sigma, log=log)
+    model, meta = models.load_for_stage(base_model, config, sigma, parse(method).base, log=log)
     if "policy" in meta:
         raise models.CheckpointError(f"{base_model} is already quantized; finetune starts from an FP32 model")
     model.to(device)

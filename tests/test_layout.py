@@ -14,16 +14,23 @@ from arq import cost, layout, policy
     ("hawq_b1.0_s12", "hawq", "b1.0", 1.0, 12, "hawq_b1.0"),
     ("arq_b0.7_s2", "arq", "b0.7", 0.7, 2, "arq_b0.7"),
     ("arq_b1.5", "arq", "b1.5", 1.5, None, "arq_b1.5"),
+    ("fp32_symreg", "fp32", None, None, None, "fp32_symreg"),
+    ("fp32_symreg_satnl", "fp32", None, None, None, "fp32_symreg_satnl"),
+    ("uniform_w3a3_satnl_s1", "uniform", "w3a3", None, 1, "uniform_w3a3_satnl"),
+    ("arq_b1.0_symreg_satnl_s2", "arq", "b1.0", 1.0, 2, "arq_b1.0_symreg_satnl"),
 ])
 def test_a_name_parses_back_to_what_built_it(name, family, variant, budget, seed, method):
     n = layout.parse(name)
     assert (n.family, n.variant, n.budget, n.seed, n.method) == (family, variant, budget, seed, method)
     assert layout.model_name(n.method, n.seed) == name
+    assert n.base == "fp32" + next((s for s in ("_symreg_satnl", "_symreg", "_satnl") if s in name), "")
+    assert layout.parse(layout.model_name(n.plain, n.seed)).base == "fp32"
 
 
-def test_a_malformed_name_is_refused_naming_the_form():
+@pytest.mark.parametrize("name", ["ARQ b1.0", "fp32_s0", "fp32_w4a4", "arq_b1.0_s0_symreg"])
+def test_a_malformed_name_is_refused_naming_the_form(name):
     with pytest.raises(ValueError, match="not a model name"):
-        layout.parse("ARQ b1.0")
+        layout.parse(name)
 
 
 def test_seeds_multiply_every_quantized_model_and_name_its_files(smoke_config):

@@ -93,13 +93,14 @@ def noisy_loss_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma
 
 
 def run_hessian(config: dict, sigma: float, model_path: str | Path, data, out_json: str | Path,
-                device: torch.device, log: Callable[[str], None] = print) -> dict:
-    """The hessian stage: traces of every quantizable layer of the FP32 model at σ, written with provenance."""
+                device: torch.device, log: Callable[[str], None] = print, base: str = "fp32") -> dict:
+    """The hessian stage: traces of every quantizable layer of the FP32 model (the ``base`` variant) at σ, written
+    with provenance."""
     from arq import models
 
     hc = config["hawq"]
     start = time.perf_counter()
-    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
+    model, meta = models.load_for_stage(model_path, config, sigma, base, log)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -87,7 +87,7 @@ def allocate(omega: Mapping[str, Mapping[int, float]], costs: list[cost.LayerCos
 
 
 def run_allocate(config: dict, sigma: float, budget: float, model_path: str | Path, hessian_path: str | Path,
-                 out_policy: str | Path, log: Callable[[str], None] = print) -> dict:
+                 out_policy: str | Path, log: Callable[[str], None] = print, base: str = "fp32") -> dict:
     """The allocate_hawq stage: sensitivities from the Hessian file, the ILP at one budget, a policy document."""
     import json
 
@@ -96,7 +96,7 @@ def run_allocate(config: dict, sigma: float, budget: float, model_path: str | Pa
     hc = config["hawq"]
     start = time.perf_counter()
     hessian = json.loads(Path(hessian_path).read_text())
-    model, meta = models.load_for_stage(model_path, config, sigma, "fp32", log)
+    model, meta = models.load_for_stage(model_path, config, sigma, base, log)
     if hessian.get("model_sha256") != sha256_file(model_path):
         raise models.CheckpointError(f"{hessian_path} holds the traces of another model than {model_path}")
     costs, rules = policy.for_config(config)

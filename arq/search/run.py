@@ -92,9 +92,10 @@ def learning_curve(rows: list[dict], png: Path, title: str) -> None:
 def run_search(config: dict, sigma: float, method: str, budget: float, seed: int, fp32_path: str | Path, data,
                cache_path: str | Path | None, out_csv: str | Path, out_policy: str | Path, out_png: str | Path,
                state_path: str | Path, device: torch.device, log: Callable = print,
-               progress: bool = True) -> dict:
+               progress: bool = True, base: str = "fp32") -> dict:
     """Run (or resume) one search with one of its budget's seeds (``arq.layout.seeds``); write the episode CSV, the
-    best policy and the learning curve."""
+    best policy and the learning curve. ``base`` is the FP32 variant searched from (arq.variants): the checkpoint
+    must be that one."""
     from arq.irs import NOISE_SCHEME, Cache
 
     if method not in METHODS:
@@ -105,7 +106,7 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
     reward_kind, agent_kind = METHODS[method]
     sc = config["search"]
     start = time.perf_counter()
-    fp32, meta = models.load_for_stage(fp32_path, config, sigma, "fp32", log)
+    fp32, meta = models.load_for_stage(fp32_path, config, sigma, base, log)
     fp32_sha, data_sha = sha256_file(fp32_path), data.manifest["file_sha256"]
     cache = None
     if reward_kind == "arq":

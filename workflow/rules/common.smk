@@ -10,6 +10,7 @@ from arq import artifacts, budget, layout
 from arq.config import ConfigError, config_hash, load, search_settings, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
+from arq.variants import settings as variant_settings
 
 # A profile given with --configfile must be complete on its own (later --configfile files are explicit
 # overlays); otherwise Snakemake would silently fill its missing keys from config/config.yaml. Both the
@@ -59,15 +60,19 @@ class Unrecorded:
 RUN = {"arq": Unrecorded(ARQ), "config": Unrecorded(RESOLVED_CONFIG)}
 
 # Model names and file layout: arq/layout.py (shared with the report regeneration and the DVC artifact commands).
-QUANT_METHOD = r"[a-z]+_[a-z0-9.]+_s[0-9]+"  # a quantized model: method and seed, e.g. arq_b1.0_s2
+# A robust base variant's tag (arq.variants): empty for the plain base, so the plain base's files keep their names.
+BASETAG = r"(?:_symreg_satnl|_symreg|_satnl)?"
+QUANT_METHOD = rf"[a-z]+_[a-z0-9.]+{BASETAG}_s[0-9]+"  # a quantized model: method, base, seed: arq_b1.0_s2
+BASE_METHOD = rf"fp32{BASETAG}"  # a base model: fp32, fp32_symreg, ...
 SEARCHED = layout.searched(config)  # e.g. arq_b1.0_s0
 METHODS = layout.methods(config)
 # Incremental (IRS) certificates of each quantized model on the val subset, against the FP32 cache.
-IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if m != "fp32" for s in SIGMAS]
+IRS_OUTPUTS = [f"{RESULTS}/irs/{m}_sigma{s}.json" for m in METHODS if layout.parse(m).family != "fp32" for s in SIGMAS]
 
 wildcard_constraints:
     sigma=r"[0-9]+\.[0-9]+",
-    method=rf"fp32|{QUANT_METHOD}",
+    method=rf"{BASE_METHOD}|{QUANT_METHOD}",
+    basetag=BASETAG,
     w=r"[2-8]",
     a=r"[2-8]",
     search=r"arq|haq|random",
@@ -77,6 +82,19 @@ wildcard_constraints:
 
 def policy_path(wildcards):
     return layout.policy_file(config, wildcards.method, wildcards.sigma)
+
+
+def base_of(wildcards):
+    """The base variant a quantized model is made from (fp32 unless its name carries a robust base's tag)."""
+    return layout.parse(wildcards.method).base
+
+
+def base_model(wildcards):
+    return f"{RESULTS}/models/{base_of(wildcards)}_sigma{wildcards.sigma}/model.pt"
+
+
+def base_cache(wildcards):
+    return layout.cache_file(config, base_of(wildcards), wildcards.sigma)
 
 
 # Every job's output goes to its log (the latest attempt) and is appended to <log>.attempts, so rerunning an

@@ -1,22 +1,22 @@
 rule irs_cache:
     input:
-        model=f"{RESULTS}/models/fp32_sigma{{sigma}}/model.pt",
+        model=f"{RESULTS}/models/fp32{{basetag}}_sigma{{sigma}}/model.pt",
         data=rules.prepare_data.output.data,
         manifest=rules.prepare_data.output.manifest,
     output:
-        cache=f"{RESULTS}/irs/cache_sigma{{sigma}}.pt",
-        summary=f"{RESULTS}/irs/cache_sigma{{sigma}}.json",
+        cache=f"{RESULTS}/irs/cache{{basetag}}_sigma{{sigma}}.pt",
+        summary=f"{RESULTS}/irs/cache{{basetag}}_sigma{{sigma}}.json",
     params:
         **RUN,
         settings={"irs": config["irs"], "engine": config["engine"]},
     log:
-        f"{LOGS}/irs_cache/sigma{{sigma}}.log",
+        f"{LOGS}/irs_cache/fp32{{basetag}}_sigma{{sigma}}.log",
     threads: config["resources"]["irs"]["threads"]
     resources:
         **stage_resources("irs"),
     shell:
         "{params.arq} irs-cache --config {params.config} --threads {threads} --sigma {wildcards.sigma} "
-        "--model {input.model} "
+        "--model {input.model} --base fp32{wildcards.basetag} "
         "--data {input.data} --manifest {input.manifest} --out {output.cache} --summary {output.summary}"
         + LOGGED
 
@@ -24,7 +24,7 @@ rule irs_cache:
 rule certify_incremental:
     input:
         model=f"{RESULTS}/models/{{method}}_sigma{{sigma}}/model.pt",
-        cache=rules.irs_cache.output.cache,
+        cache=base_cache,
         data=rules.prepare_data.output.data,
         manifest=rules.prepare_data.output.manifest,
     output:

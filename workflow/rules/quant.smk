@@ -16,7 +16,7 @@ rule uniform:
 
 rule finetune:
     input:
-        base=f"{RESULTS}/models/fp32_sigma{{sigma}}/model.pt",
+        base=base_model,
         policy=policy_path,
         data=rules.prepare_data.output.data,
         manifest=rules.prepare_data.output.manifest,
