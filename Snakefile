@@ -19,6 +19,7 @@ include: "workflow/rules/certify.smk"
 include: "workflow/rules/irs.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/hawq.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="fp32", choices=BASES,
                    help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
 
+    p = sub.add_parser("sweep", help="bit-width sweep of one base variant: uniform PTQ and QAT points, each certified")
+    _common(p)
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ (the base must have been trained at it)")
+    p.add_argument("--base", default="fp32", choices=BASES, help="the base variant swept (arq.variants)")
+    p.add_argument("--model", required=True, help="that base's checkpoint")
+    p.add_argument("--out-csv", required=True, help="one row per point")
+    p.add_argument("--summary", required=True, help="JSON summary")
+    p.add_argument("--out-dir", required=True, help="each point's finetune and certification records (resumable)")
+
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
     p.add_argument("--model", required=True, help="checkpoint to run (FP32 or quantized)")
@@ -156,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-csvs", nargs="*", default=[], help="search episode CSVs (learning-curve figure)")
     p.add_argument("--irs-caches", nargs="*", default=[],
                    help="FP32 IRS cache summaries (JSON): their time counts towards the certified-reward searches")
+    p.add_argument("--sweeps", nargs="*", default=[], help="bit-width sweep CSVs (arq sweep): the sweep figure")
     p.add_argument("--report-dir", required=True, help="where table.{md,csv,tex} and tests.csv go")
     p.add_argument("--figures-dir", required=True, help="where the figures go")
 
@@ -234,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from arq import report
 
-            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs), bool(args.policies))
+            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs), bool(args.policies),
+                                 any(map(report.is_robust, args.summaries)), bool(args.sweeps))
             tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out,
-                                args.irs_caches)
+                                args.irs_caches, args.sweeps)
             print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
             return 0
         if args.command == "artifacts":
@@ -331,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_hessian(config, args.sigma, args.model, data, args.out, device, log=lambda t: print(t, flush=True),
                         base=args.base)
+        elif args.command == "sweep":
+            from arq.sweep import run_sweep
+
+            rows = run_sweep(config, args.base, args.sigma, args.model, data, args.out_csv, args.summary, args.out_dir,
+                             device, log=lambda t: print(t, flush=True))
+            print(f"{args.base} σ={args.sigma}: {len(rows)} points → {args.out_csv}")
         elif args.command == "predict":
             from arq.smoothing import run_predict
 

@@ -306,7 +306,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
                         _progress(f"irs cache σ={sigma}"))
     cache.save(out)
     certified = cache.top != ABSTAIN
-    summary = {"sigma": sigma, "images": len(pos), "n0": ic["n0"], "n": ic["n"], "alpha": ic["alpha"],
+    summary = {"base": base, "sigma": sigma, "images": len(pos), "n0": ic["n0"], "n": ic["n"], "alpha": ic["alpha"],
                "acr": cached_acr(cache), "clean_accuracy": float((cache.top == cache.labels).float().mean()),
                "abstain_rate": float((~certified).float().mean()),
                "mean_p_lower": float(cache.p_lower[certified].mean()) if certified.any() else None,

@@ -192,13 +192,18 @@ def cache_file(config: dict, base: str, sigma: str, ext: str = "pt") -> str:
     return f"{results_dir(config)}/irs/cache{base[len('fp32'):]}_sigma{sigma}.{ext}"
 
 
+def sweep_file(config: dict, base: str, sigma: str) -> str:
+    """The bit-width sweep's CSV of a base variant at σ (arq.sweep)."""
+    return f"{results_dir(config)}/sweep/{base}_sigma{sigma}.csv"
+
+
 def hessian_file(config: dict, base: str, sigma: str) -> str:
     return f"{results_dir(config)}/hawq/hessian{base[len('fp32'):]}_sigma{sigma}.json"
 
 
 def report_inputs(config: dict) -> dict[str, list[str]]:
-    """The text results the report reads: certification summaries and TSVs, policies, search CSVs and the FP32
-    IRS cache summaries (their time counts towards the certified-reward searches)."""
+    """The text results the report reads: certification summaries and TSVs, policies, search CSVs, the FP32
+    IRS cache summaries (their time counts towards the certified-reward searches) and the bit-width sweeps."""
     res, sig, meth, srch = results_dir(config), sigmas(config), methods(config), searched(config)
     return {
         "summaries": [f"{res}/certify/{m}_sigma{s}.json" for s in sig for m in meth],
@@ -206,6 +211,7 @@ def report_inputs(config: dict) -> dict[str, list[str]]:
         "policies": sorted({policy_file(config, m, s) for m in meth if parse(m).family != "fp32" for s in sig}),
         "search_csvs": [f"{res}/search/{m}_sigma{s}.csv" for s in sig for m in srch],
         "irs_caches": sorted({cache_file(config, parse(m).base, s, "json") for m in srch for s in sig}),
+        "sweeps": [sweep_file(config, b, s) for s in sig for b in bases(config)] if config["sweep"]["enabled"] else [],
     }
 
 

@@ -670,3 +670,49 @@ def test_one_seed_gives_exactly_the_single_model_row(comparison, seeded, tmp_pat
                      _cache(tmp_path) + _cache(tmp_path, 0.5))["main"]
     cols = ["clean", "clean_lo", "clean_hi", "r=0.25", "r=0.25_lo", "ACR", "ACR_lo", "ACR_hi", "abstain"]
     assert np.allclose(old[cols].to_numpy(float), new[cols].to_numpy(float))
+
+
+# ------------------------------------------------------------------------------------- robust base variants
+
+def test_robust_bases_are_reported_beside_their_plain_counterparts_not_in_the_comparison(tmp_path, smoke_config):
+    """fp32 and arq_b1.5 from the plain base, their fp32_satnl and arq_b1.5_satnl counterparts: the comparison is
+    the plain one exactly; robust.md/csv pair each robust model with its plain counterpart, robust − plain."""
+    d = tmp_path / "certify"
+    d.mkdir()
+    files = {}
+    for name, table, bitops in (("fp32", ROWS_025, 100.0), ("fp32_satnl", ROWS_025_B, 100.0),
+                                ("arq_b1.5", ROWS_025_B, 1.613), ("arq_b1.5_satnl", ROWS_025, 1.613)):
+        s = json.loads(_write_summary(d / f"{name}_sigma0.25.json", 0.25, table).read_text())
+        s.update(method=name, bitops_pct=bitops)
+        (d / f"{name}_sigma0.25.json").write_text(json.dumps(s))
+        files[name] = (str(d / f"{name}_sigma0.25.json"), str(_write_tsv(d / f"{name}_sigma0.25.tsv", table)))
+    policies = [str(_policy(tmp_path / f"{m}_sigma0.25.json", m, 4, 4)) for m in ("arq_b1.5", "arq_b1.5_satnl")]
+    caches = []
+    for base, seconds in (("fp32", 35.0), ("fp32_satnl", 50.0)):
+        path = tmp_path / f"cache_{base}.json"
+        path.write_text(json.dumps({"base": base, "sigma": 0.25, "wall_seconds": seconds}))
+        caches.append(str(path))
+    summaries, tsvs = zip(*files.values())
+    robust = [report.is_robust(s) for s in summaries]
+    assert robust == [False, True, False, True]
+    out = report.outputs(tmp_path / "r", tmp_path / "f", False, True, robust=True)
+    tables = report.run(smoke_config, list(summaries), list(tsvs), policies, [], out, caches)
+    assert tables["main"]["method"].tolist() == ["fp32", "arq_b1.5"]  # the plain comparison only
+    plain_only = report.outputs(tmp_path / "p", tmp_path / "pf", False, True)
+    report.run(smoke_config, [files[m][0] for m in ("fp32", "arq_b1.5")], [files[m][1] for m in ("fp32", "arq_b1.5")],
+               policies[:1], [], plain_only, caches[:1])
+    assert (tmp_path / "r" / "table.md").read_text() == (tmp_path / "p" / "table.md").read_text()
+    rows = pd.read_csv(out["robust_csv"])
+    assert rows["method"].tolist() == ["fp32", "fp32_satnl", "arq_b1.5", "arq_b1.5_satnl"]
+    assert rows["base"].tolist() == ["fp32", "fp32_satnl", "fp32", "fp32_satnl"]
+    assert rows["name"].tolist() == ["FP32", "FP32 [SatNL]", "ARQ", "ARQ [SatNL]"]
+    by = rows.set_index("method")
+    # each arq search's policy time includes its own base's IRS cache
+    assert by.loc["arq_b1.5_satnl", "policy_seconds"] - by.loc["arq_b1.5", "policy_seconds"] == pytest.approx(15.0)
+    tests = pd.read_csv(out["robust_tests_csv"])
+    assert set(tests["vs"]) == {"plain base"}
+    acr = tests[tests["measure"] == "ACR"].set_index("method")
+    assert acr.loc["arq_b1.5_satnl", "reference"] == "arq_b1.5" and acr.loc["fp32_satnl", "reference"] == "fp32"
+    assert acr.loc["arq_b1.5_satnl", "diff"] == pytest.approx(EXPECTED[0.25]["acr"] - by.loc["arq_b1.5", "ACR"])
+    md = Path(out["robust_md"]).read_text()
+    assert md.startswith("# Robust bases (profile smoke)") and "| ARQ [SatNL] |" in md and "plain base" not in md.split("Paired")[0]

@@ -28,19 +28,27 @@ def _profile_note(config: dict, results: list[Group]) -> str:
 
 TABLES = {"table_md": "table.md", "table_csv": "table.csv", "table_tex": "table.tex", "tests_csv": "tests.csv",
           "metrics": "metrics.json", "curves": "curves.csv"}
+ROBUST_TABLES = {"robust_md": "robust.md", "robust_csv": "robust.csv", "robust_tests_csv": "robust_tests.csv"}
 CURVE_STEP = 0.01  # radius grid of curves.csv
 FIGURES = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
-           "search": "search_curves"}
+           "search": "search_curves", "sweep": "bit_width_sweep"}
 
 
-def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool, quantized: bool = True) -> dict:
+def outputs(report_dir: str | Path, figures_dir: str | Path, searches: bool, quantized: bool = True,
+            robust: bool = False, sweep: bool = False) -> dict:
     """The files the report writes: tables under ``report_dir``, figures (PNG, PDF) under ``figures_dir``; the
-    bits figure only when there are quantized models, the search figure only when there are searches."""
-    drawn = {"search": searches, "bits": quantized}
-    out = {k: str(Path(report_dir) / v) for k, v in TABLES.items()}
+    bits figure only when there are quantized models, the search figure only when there are searches, the robust
+    bases' tables when a robust base was certified, the bit-width sweep figure when the profile sweeps."""
+    drawn = {"search": searches, "bits": quantized, "sweep": sweep}
+    out = {k: str(Path(report_dir) / v) for k, v in {**TABLES, **(ROBUST_TABLES if robust else {})}.items()}
     out.update({k: (str(Path(figures_dir) / f"{v}.png"), str(Path(figures_dir) / f"{v}.pdf"))
                 for k, v in FIGURES.items() if drawn.get(k, True)})
     return out
+
+
+def is_robust(summary_path: str | Path) -> bool:
+    """Whether a certification summary (``<model>_sigma<σ>.json``) is of a model made from a robust base."""
+    return layout.parse(Path(summary_path).stem.rsplit("_sigma", 1)[0]).base != "fp32"
 
 
 def metrics(main) -> dict:
@@ -66,26 +74,48 @@ def curve_table(results: list[Group]):
 
 
 def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str], search_csvs: list[str],
-        out: dict, irs_caches: list[str] = ()) -> dict:
+        out: dict, irs_caches: list[str] = (), sweeps: list[str] = ()) -> dict:
     """Write the comparison (``out``: table_md, table_csv, table_tex, tests_csv) and the figures (``out``:
     certified, bits when there are quantized models, pareto, and search when there are search CSVs; each a
     (png, pdf) pair). ``irs_caches``: summaries of the FP32 IRS caches, whose cost counts towards the policy time
-    of the searches rewarded against them. Returns the tables."""
+    of the searches rewarded against them. Models made from a robust base (arq.variants) are left out of the
+    comparison and shown beside their plain-base counterparts in the robust tables (``out``: robust_*); ``sweeps``:
+    the bit-width sweep CSVs (``out``: sweep figure). Returns the tables."""
     if len(tsvs) != len(summaries):
         raise ValueError("each summary needs its TSV: --tsvs and --summaries must list the same number of files")
     results = [load(s, t, policies) for s, t in zip(summaries, tsvs)]
     cache_seconds = {}
     for path in irs_caches:
         c = json.loads(Path(path).read_text())
-        cache_seconds[float(c["sigma"])] = float(c["wall_seconds"])
+        cache_seconds[(c.get("base", "fp32"), float(c["sigma"]))] = float(c["wall_seconds"])
     for r in results:
         if r.policy is not None and r.policy.get("reward_kind") == "arq":
-            if r.sigma not in cache_seconds:
-                raise ValueError(f"{r.method} at σ={r.sigma} was searched against the FP32 IRS cache, whose cost is "
-                                 f"part of its policy time: give that cache's summary (--irs-caches)")
-            r.reward_cache_seconds = cache_seconds[r.sigma]
+            key = (layout.parse(r.method).base, r.sigma)
+            if key not in cache_seconds:
+                raise ValueError(f"{r.method} at σ={r.sigma} was searched against the {key[0]} IRS cache, whose cost "
+                                 f"is part of its policy time: give that cache's summary (--irs-caches)")
+            r.reward_cache_seconds = cache_seconds[key]
     rc = config["report"]
-    grouped = groups(results)  # one per method and σ, over its seeds
+    every = groups(results)  # one per method and σ, over its seeds
+    grouped = [g for g in every if layout.parse(g.method).base == "fp32"]
+    if len(grouped) < len(every):
+        robust, robust_tests = tables.robust_tables(every, rc["radii"], rc["bootstrap"], rc["seed"])
+        rb = config["robust_base"]
+        write_text(out["robust_md"], tables.markdown(
+            robust, robust_tests, f"Robust bases (profile {config['profile']})",
+            [_profile_note(config, every),
+             "Each method made from a robust base (SymReg: symmetry regularization, weight "
+             f"{rb['symreg']['weight']:g}, pairing {rb['symreg']['pairing']}; SatNL: tanh weights with a learned "
+             f"{rb['satnl']['scale']} bound" + (f", {'ASAM' if rb['sam']['adaptive'] else 'SAM'} ρ {rb['sam']['rho']:g}"
+                                                 if rb["sam"] else "")
+             + "; arq/variants, our reconstruction) beside the same method from the plain base: same seeds, same "
+             "finetune, same images; its policy searched or allocated on its own base.",
+             f"Intervals: {rc['bootstrap']:,} bootstrap resamples (seed {rc['seed']}); {CAVEAT}."]))
+        for df, key in ((robust, "robust_csv"), (robust_tests, "robust_tests_csv")):
+            with atomic_path(out[key]) as tmp:
+                df.to_csv(tmp, index=False, float_format="%.6g")
+    if sweeps:
+        _sweep_figure(config, sweeps, out["sweep"])
     main = tables.main_table(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
     per_seed = tables.seed_table(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
     tests = tables.paired_tests(grouped, rc["radii"], rc["bootstrap"], rc["seed"])
@@ -125,6 +155,7 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
                    f"abstains. Error bars: 95% bootstrap intervals of ACR (over seeds and images for methods with "
                    f"several seeds); grey band: FP32's. Budgets swept: "
                    f"{', '.join(f'{b:g}%' for b in config['search']['budgets'])}. {CAVEAT}.")
+    search_csvs = [p for p in search_csvs if layout.parse(Path(p).stem.rsplit("_sigma", 1)[0]).base == "fp32"]
     if search_csvs:
         curves = {}
         for path in search_csvs:
@@ -145,6 +176,18 @@ def run(config: dict, summaries: list[str], tsvs: list[str], policies: list[str]
     return {"main": main, "tests": tests}
 
 
+def _sweep_figure(config: dict, sweeps: list[str], files: tuple[str, str]) -> None:
+    rows = [row for path in sweeps for row in csv.DictReader(open(path))]
+    sw, fc = config["sweep"], config["finetune"]
+    figures.sweep(rows, *files, f"Bit-width sweep of each base variant, {config['model']['arch']} on CIFAR-10",
+                  f"Uniform policies (first conv and last FC at {config['quant']['pinned_bits']} bits). PTQ: calibration "
+                  f"only; QAT: the shared finetune ({fc['epochs']} epochs on {fc['train_images'] or 'all'} images). "
+                  f"Noisy val accuracy: the quantized base classifier on {fc['val_images'] or 'all'} val images under "
+                  f"N(0, σ²) noise; smoothed clean accuracy and ACR: {sw['images']} certification images at "
+                  f"N0 = {sw['n0']}, N = {sw['n']:,}, α = {config['certify']['alpha']:g}, one seed. "
+                  f"Profile '{config['profile']}'. {CAVEAT}.")
+
+
 def regenerate(config: dict, report_dir: str | Path | None = None, figures_dir: str | Path | None = None) -> dict:
     """Rebuild a profile's tables and figures from its text results alone (no checkpoint, no Snakemake), into its
     own report and figures directories unless others are given. Returns the files written."""
@@ -154,9 +197,10 @@ def regenerate(config: dict, report_dir: str | Path | None = None, figures_dir: 
         raise FileNotFoundError(f"profile {config['profile']!r} lacks {len(missing)} text result(s) the report reads, "
                                 f"e.g. {', '.join(missing[:3])}: run its workflow first")
     out = outputs(report_dir or layout.report_dir(config), figures_dir or layout.figures_dir(config),
-                  bool(inputs["search_csvs"]), bool(inputs["policies"]))
+                  bool(inputs["search_csvs"]), bool(inputs["policies"]), any(map(is_robust, inputs["summaries"])),
+                  bool(inputs["sweeps"]))
     run(config, inputs["summaries"], inputs["tsvs"], inputs["policies"], inputs["search_csvs"], out,
-        inputs["irs_caches"])
+        inputs["irs_caches"], inputs["sweeps"])
     return out
 
 
@@ -177,7 +221,9 @@ def check(config: dict, scratch: str | Path) -> list[str]:
         return problems
     out = regenerate(config, Path(scratch) / "report", Path(scratch) / "figures")
     diffs = []
-    for key, name in TABLES.items():
+    for key, name in {**TABLES, **ROBUST_TABLES}.items():
+        if key not in out:
+            continue
         committed = Path(layout.report_dir(config)) / name
         if not committed.exists():
             diffs.append(f"{committed}: missing\n")

@@ -234,3 +234,53 @@ def search_curves(curves: dict[tuple[str, float], list[dict]], png, pdf, title: 
     fig.tight_layout()
     _save(fig, png, pdf, caption)
     return drawn
+
+
+BASE_STYLE = {"fp32": ("black", "-", "o"), "fp32_symreg": ("tab:blue", "--", "s"),
+              "fp32_satnl": ("tab:orange", ":", "^"), "fp32_symreg_satnl": ("tab:red", "-.", "D")}
+SWEEP_PANELS = (("ptq", False, "PTQ, WbAb"), ("ptq", True, "PTQ, weights only (Wb, A8)"), ("qat", False, "QAT, WbAb"))
+SWEEP_MEASURES = (("noisy_val_acc", "base classifier: noisy val acc."), ("clean_accuracy", "smoothed clean acc."),
+                  ("acr", "ACR"))
+
+
+def sweep(rows: list[dict], png, pdf, title: str, caption: str) -> list[tuple[str, list[str]]]:
+    """The bit-width sweep: per σ, a row of panels per measure (noisy val accuracy of the base classifier, smoothed
+    clean accuracy, ACR) and a column per kind of point (PTQ WbAb, PTQ weights only, QAT WbAb); one curve per base
+    variant against the bits b. ``rows``: the sweep CSVs' rows."""
+    from arq.report.results import BASE_LABELS
+
+    sigmas = sorted({float(r["sigma"]) for r in rows})
+    fig, axes = plt.subplots(len(SWEEP_MEASURES) * len(sigmas), len(SWEEP_PANELS),
+                             figsize=(4.2 * len(SWEEP_PANELS), 2.9 * len(SWEEP_MEASURES) * len(sigmas) + 0.6),
+                             squeeze=False)
+    drawn = []
+    bases = sorted({r["base"] for r in rows}, key=list(BASE_STYLE).index)
+    for i, sigma in enumerate(sigmas):
+        for j, (measure, label) in enumerate(SWEEP_MEASURES):
+            for k, (mode, weight_only, panel) in enumerate(SWEEP_PANELS):
+                ax = axes[i * len(SWEEP_MEASURES) + j][k]
+                names = []
+                for base in bases:
+                    # W8A8 is a point of both PTQ panels
+                    pts = sorted((int(r["w_bits"]), float(r[measure])) for r in rows
+                                 if float(r["sigma"]) == sigma and r["base"] == base and r["mode"] == mode
+                                 and int(r["a_bits"]) == (8 if weight_only else int(r["w_bits"])))
+                    if not pts:
+                        continue
+                    colour, line, marker = BASE_STYLE[base]
+                    name = f"FP32 [{BASE_LABELS[base]}]" if BASE_LABELS[base] else "FP32 (plain)"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, linestyle=line, marker=marker,
+                            label=name)
+                    names.append(name)
+                ax.set_xlabel("bits b")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_ylabel(label)
+                ax.set_title(f"σ = {sigma:g}: {panel}", fontsize="small")
+                ax.grid(alpha=0.3)
+                if names:
+                    ax.legend(fontsize="x-small")
+                drawn.append((ax.get_title() + f" — {label}", names))
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, png, pdf, caption)
+    return drawn

@@ -20,6 +20,7 @@ from arq.smoothing import ABSTAIN, read_tsv
 FAMILIES = {"fp32": "FP32", "uniform": "Uniform", "hawq": "HAWQ-V3", "haq": "HAQ", "random": "Random search",
             "arq": "ARQ"}
 ORDER = list(FAMILIES)  # table order: references, baselines, the control, then ARQ
+BASE_LABELS = {"fp32": "", "fp32_symreg": "SymReg", "fp32_satnl": "SatNL", "fp32_symreg_satnl": "SymReg+SatNL"}
 
 
 def family(name: str) -> str:
@@ -31,13 +32,15 @@ def budget(name: str) -> float | None:
 
 
 def display_name(name: str, budgets: int = 1) -> str:
-    """What a reader sees: 'Uniform W4A4', 'HAWQ-V3', 'ARQ (3.0%)' when a profile sweeps several budgets."""
+    """What a reader sees: 'Uniform W4A4', 'HAWQ-V3', 'ARQ (3.0%)' when a profile sweeps several budgets; a model
+    from a robust base says which ('ARQ [SymReg+SatNL]', 'FP32 [SatNL]')."""
     n = parse(name)
     if n.family not in FAMILIES:
         return n.method
+    base = f" [{BASE_LABELS[n.base]}]" if n.base != "fp32" else ""
     if n.family == "uniform":
-        return f"Uniform {(n.variant or '').upper()}"
-    return FAMILIES[n.family] + (f" ({n.budget:g}%)" if n.budget is not None and budgets > 1 else "")
+        return f"Uniform {(n.variant or '').upper()}{base}"
+    return FAMILIES[n.family] + (f" ({n.budget:g}%)" if n.budget is not None and budgets > 1 else "") + base
 
 
 def sort_key(name: str) -> tuple:
@@ -224,8 +227,8 @@ def inconsistencies(summary_path: str | Path, tsv_path: str | Path, tolerance: f
 
 
 def policy_for(method: str, sigma: float, policies: list[str | Path]) -> str | None:
-    """The policy file of a quantized model among ``policies`` (uniform ones hold for every σ)."""
-    if method == "fp32":
+    """The policy file of a quantized model among ``policies`` (uniform ones hold for every σ); None for a base."""
+    if parse(method).family == "fp32":
         return None
     from arq.config import sigma_tag
 

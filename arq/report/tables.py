@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from arq.report import stats
+from arq.layout import parse
 from arq.report.results import Group, budget, display_name, family, sort_key
 
 
@@ -103,39 +104,73 @@ TEST_COLUMNS = ["sigma", "method", "vs", "reference", "seeds", "measure", "test"
                 "only_reference", "p"]
 
 
+def compare(g: Group, ref: Group, vs: str, radii: list[float], resamples: int, seed: int) -> list[dict]:
+    """``g`` against ``ref`` on the same images and seeds: with one seed, McNemar on clean and certified-at-r; with
+    several, the paired hierarchical bootstrap; the paired (hierarchical) bootstrap on ACR. Differences are
+    g − ref."""
+    if not np.array_equal(g.idx, ref.idx):
+        raise ValueError(f"{g.method} and {ref.method} at σ={g.sigma:g} were certified on different "
+                         "images; paired tests need the same images")
+    base = {"sigma": g.sigma, "method": g.method, "vs": vs, "reference": ref.method}
+    rows = []
+    for r in _measured(radii, g):
+        a, b, common = paired_tables(g, ref, lambda x: x.certified(r))
+        measure = "clean" if r == 0 else f"r={r:g}"
+        if len(common) == 1:
+            t = stats.mcnemar(a[0], b[0])
+            rows.append({**base, "seeds": 1, "measure": measure, "test": "McNemar (exact)", "diff": t["diff"],
+                         "low": math.nan, "high": math.nan, "only_method": t["only_a"],
+                         "only_reference": t["only_b"], "p": t["p"]})
+        else:
+            t = stats.paired_bootstrap(a, b, resamples, seed)
+            rows.append({**base, "seeds": len(common), "measure": measure,
+                         "test": "paired hierarchical bootstrap", "diff": t["diff"], "low": t["low"],
+                         "high": t["high"], "only_method": math.nan, "only_reference": math.nan, "p": t["p"]})
+    a, b, common = paired_tables(g, ref, lambda x: x.acr_terms)
+    t = stats.paired_bootstrap(a, b, resamples, seed)
+    rows.append({**base, "seeds": len(common), "measure": "ACR",
+                 "test": "paired bootstrap" if len(common) == 1 else "paired hierarchical bootstrap",
+                 "diff": t["diff"], "low": t["low"], "high": t["high"], "only_method": math.nan,
+                 "only_reference": math.nan, "p": t["p"]})
+    return rows
+
+
 def paired_tests(groups: list[Group], radii: list[float], resamples: int, seed: int) -> pd.DataFrame:
-    """Every method against ARQ and against FP32 on the same images and seeds: with one seed, McNemar on clean and
-    certified-at-r; with several, the paired hierarchical bootstrap; the paired (hierarchical) bootstrap on ACR.
-    Differences are method − reference."""
+    """Every method against ARQ and against FP32 on the same images and seeds (``compare``)."""
     by_key = {(g.method, g.sigma): g for g in groups}
     rows = []
     for g in groups:
         for vs, ref_method in reference_for(g.method, g.sigma, by_key).items():
-            ref = by_key[(ref_method, g.sigma)]
-            if not np.array_equal(g.idx, ref.idx):
-                raise ValueError(f"{g.method} and {ref_method} at σ={g.sigma:g} were certified on different "
-                                 "images; paired tests need the same images")
-            base = {"sigma": g.sigma, "method": g.method, "vs": vs, "reference": ref_method}
-            for r in _measured(radii, g):
-                a, b, common = paired_tables(g, ref, lambda x: x.certified(r))
-                measure = "clean" if r == 0 else f"r={r:g}"
-                if len(common) == 1:
-                    t = stats.mcnemar(a[0], b[0])
-                    rows.append({**base, "seeds": 1, "measure": measure, "test": "McNemar (exact)", "diff": t["diff"],
-                                 "low": math.nan, "high": math.nan, "only_method": t["only_a"],
-                                 "only_reference": t["only_b"], "p": t["p"]})
-                else:
-                    t = stats.paired_bootstrap(a, b, resamples, seed)
-                    rows.append({**base, "seeds": len(common), "measure": measure,
-                                 "test": "paired hierarchical bootstrap", "diff": t["diff"], "low": t["low"],
-                                 "high": t["high"], "only_method": math.nan, "only_reference": math.nan, "p": t["p"]})
-            a, b, common = paired_tables(g, ref, lambda x: x.acr_terms)
-            t = stats.paired_bootstrap(a, b, resamples, seed)
-            rows.append({**base, "seeds": len(common), "measure": "ACR",
-                         "test": "paired bootstrap" if len(common) == 1 else "paired hierarchical bootstrap",
-                         "diff": t["diff"], "low": t["low"], "high": t["high"], "only_method": math.nan,
-                         "only_reference": math.nan, "p": t["p"]})
+            rows += compare(g, by_key[(ref_method, g.sigma)], vs, radii, resamples, seed)
     return pd.DataFrame(rows, columns=TEST_COLUMNS)
+
+
+PLAIN_BASE = "plain base"
+
+
+def robust_tables(groups: list[Group], radii: list[float], resamples: int, seed: int
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The robust-base question: every method made from a robust base (``fp32_symreg``, ``arq_b1.0_satnl``, …)
+    beside the same method from the plain base, and paired tests robust − plain on the shared seeds and images.
+    Rows: per σ and method, the plain base's model first, then each robust base's (arq.variants.BASES order)."""
+    from arq.variants import BASES
+
+    by_key = {(g.method, g.sigma): g for g in groups}
+    robust = [g for g in groups if parse(g.method).base != "fp32"]
+    nb = _budgets(groups)
+    rows, tests = [], []
+    arms = sorted({(g.sigma, parse(g.method).plain) for g in robust}, key=lambda k: (k[0], sort_key(k[1])))
+    for sigma, plain in arms:
+        ref = by_key.get((plain, sigma))
+        if ref is None:
+            raise ValueError(f"the robust bases' {plain} at σ={sigma:g} has no plain-base counterpart to be compared "
+                             "with: certify the plain base's model too")
+        rows.append({**group_row(ref, radii, resamples, seed, nb), "base": "fp32"})
+        for g in sorted((g for g in robust if g.sigma == sigma and parse(g.method).plain == plain),
+                        key=lambda g: BASES.index(parse(g.method).base)):
+            rows.append({**group_row(g, radii, resamples, seed, nb), "base": parse(g.method).base})
+            tests += compare(g, ref, PLAIN_BASE, radii, resamples, seed)
+    return pd.DataFrame(rows), pd.DataFrame(tests, columns=TEST_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -182,7 +217,7 @@ def markdown(main: pd.DataFrame, tests: pd.DataFrame, title: str, notes: list[st
             cells += [f"{row['abstain']:.3f}", _seconds(row.get("policy_seconds"))]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        for vs in ("ARQ", "FP32"):
+        for vs in ("ARQ", "FP32", PLAIN_BASE):
             t = tests[(tests["sigma"] == sigma) & (tests["vs"] == vs)]
             if t.empty:
                 continue

@@ -183,7 +183,8 @@ onstart:
 # Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
 CAPTIONS = {"certified": "certified_accuracy", "bits": "bits_per_layer", "pareto": "acr_vs_bitops",
             "search": "search_curves", "table_md": "table", "table_csv": "table", "table_tex": "table",
-            "tests_csv": "tests", "curves": "certified_accuracy"}
+            "tests_csv": "tests", "curves": "certified_accuracy", "robust_md": "robust", "robust_csv": "robust",
+            "robust_tests_csv": "robust", "sweep": "bit_width_sweep"}
 
 
 def reported(key, path):

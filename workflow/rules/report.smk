@@ -1,6 +1,7 @@
 from arq.report import outputs as report_outputs
 
-REPORT_OUT = report_outputs(layout.report_dir(config), FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"])
+REPORT_OUT = report_outputs(layout.report_dir(config), FIGURES, searches=bool(SEARCHED), quantized=METHODS != ["fp32"],
+                            robust=len(layout.bases(config)) > 1, sweep=config["sweep"]["enabled"])
 
 
 rule report:
@@ -22,5 +23,6 @@ rule report:
     shell:
         "{params.arq} report --config {params.config} --summaries {input.summaries} --tsvs {input.tsvs} "
         "--policies {input.policies} --search-csvs {input.search_csvs} --irs-caches {input.irs_caches} "
+        "--sweeps {input.sweeps} "
         "--report-dir {params.report_dir} --figures-dir {params.figures_dir}"
         + LOGGED
