@@ -5,7 +5,7 @@ fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale
 """
 from __future__ import annotations
 
-from arq.layout import methods, parse, searched
+from arq.layout import bases, methods, parse, searched
 
 ANCHORS = {  # images (or noisy samples) per second for ResNet-20
     "cuda": {"train": 21_700.0, "infer": 234_000.0},
@@ -16,8 +16,10 @@ QUANT_SLOWDOWN = {"train": 1.6, "infer": 1.3}
 
 
 def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
-    """Seconds for the stages of ``config`` (train, search, finetune, certify, IRS) on a device type; a search
-    episode is priced as calibration + its finetune steps + IRS on the cache's images."""
+    """Seconds for the stages of ``config`` (train, search, finetune, certify, IRS, sweep) on a device type; a search
+    episode is priced as calibration + its finetune steps + IRS on the cache's images. Every base variant is
+    trained (twice the passes with (A)SAM) and certified; a sweep point is a finetune (none for PTQ) and a
+    certification at the sweep's N."""
     if device_type == "cuda":
         rate = ANCHORS["cuda"]
     else:
@@ -31,18 +33,22 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
         return min(k or full, full)
 
     k = len(config["sigmas"])
-    train = k * t["epochs"] * (count(t["train_images"], sizes["train"]) / rate["train"]
-                               + count(t["val_images"], sizes["val"]) / rate["infer"])
+    base_names = bases(config)
+    passes = sum(2 if (b != "fp32" and "satnl" in b and config["robust_base"]["sam"]) else 1 for b in base_names)
+    train = k * t["epochs"] * (passes * count(t["train_images"], sizes["train"]) / rate["train"]
+                               + len(base_names) * count(t["val_images"], sizes["val"]) / rate["infer"])
     sc, ic = config["search"], config["irs"]
     hc = config["hawq"]
-    models_q = len(methods(config)) - 1  # quantized models per σ: each finetuned and certified once per seed
-    finetune = k * models_q * f["epochs"] * (
-        count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
-        + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
+    quantized = [m for m in methods(config) if parse(m).family != "fp32"]
+    models_q = len(quantized)  # quantized models per σ: each finetuned and certified once per seed
+    one_finetune = f["epochs"] * (count(f["train_images"], sizes["train"]) * QUANT_SLOWDOWN["train"] / rate["train"]
+                                  + count(f["val_images"], sizes["val"]) * QUANT_SLOWDOWN["infer"] / rate["infer"])
+    finetune = k * models_q * one_finetune
     one_certify = count(c["max_images"], sizes["cert"]) * (c["n0"] + c["n"]) / rate["infer"]
-    certify = k * one_certify * (1 + models_q * QUANT_SLOWDOWN["infer"])
+    certify = k * one_certify * (len(base_names) + models_q * QUANT_SLOWDOWN["infer"])
     irs_images = count(ic["images"], sizes["val"])
-    irs = k * irs_images * ((ic["n0"] + ic["n"]) + models_q * ic["n_p"] * QUANT_SLOWDOWN["infer"]) / rate["infer"]
+    caches = max(len({parse(m).base for m in searched(config)}), 1)
+    irs = k * irs_images * (caches * (ic["n0"] + ic["n"]) + models_q * ic["n_p"] * QUANT_SLOWDOWN["infer"]) / rate["infer"]
     episode = ((config["quant"]["calibration"]["images"] + sc["finetune"]["bn_images"]) * QUANT_SLOWDOWN["infer"]
                / rate["infer"]
                + sc["finetune"]["steps"] * sc["finetune"]["batch_size"] * QUANT_SLOWDOWN["train"] / rate["train"])
@@ -51,9 +57,19 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     search = k * sc["episodes"] * sum(episode + (certified_reward if parse(m).family != "haq" else accuracy_reward)
                                       for m in searched(config))
     # a Hessian-vector product costs about two training passes over the images, per probe
-    hawq = k * hc["enabled"] * hc["max_iterations"] * hc["probes"] * 2 * min(hc["images"], sizes["train"]) / rate["train"]
+    hessians = max(len({parse(m).base for m in quantized if parse(m).family == "hawq"}), 1)
+    hawq = (k * hc["enabled"] * hessians * hc["max_iterations"] * hc["probes"] * 2 * min(hc["images"], sizes["train"])
+            / rate["train"])
+    sw = config["sweep"]
+    sweep = 0.0
+    if sw["enabled"]:
+        ptq = len(sw["ptq"]) + len([b for b in sw["weight_only"] if not (b == 8 and 8 in sw["ptq"])])  # arq.sweep
+        point_certify = sw["images"] * (sw["n0"] + sw["n"]) * QUANT_SLOWDOWN["infer"] / rate["infer"]
+        calibrate = config["quant"]["calibration"]["images"] * QUANT_SLOWDOWN["infer"] / rate["infer"]
+        sweep = k * len(base_names) * ((ptq + len(sw["qat"])) * (point_certify + calibrate)
+                                       + len(sw["qat"]) * one_finetune)
     return {"train": train, "finetune": finetune, "certify": certify, "irs": irs, "search": search, "hawq": hawq,
-            "total": train + finetune + certify + irs + search + hawq + 30.0}
+            "sweep": sweep, "total": train + finetune + certify + irs + search + hawq + sweep + 30.0}
 
 
 def _human(seconds: float) -> str:
@@ -70,7 +86,8 @@ def describe(config: dict, device_type: str, threads: int) -> str:
     text = (f"profile '{config['profile']}' on {where}: about {_human(here['total'])} "
             f"(training {_human(here['train'])}, searches {_human(here['search'])}, HAWQ Hessian at most "
             f"{_human(here['hawq'])}, QAT finetune "
-            f"{_human(here['finetune'])}, certification {_human(here['certify'])}, IRS {_human(here['irs'])})")
+            f"{_human(here['finetune'])}, certification {_human(here['certify'])}, IRS {_human(here['irs'])}"
+            + (f", bit-width sweep {_human(here['sweep'])}" if here["sweep"] else "") + ")")
     if device_type != "cuda":
         gpu = estimate_seconds(config, "cuda")
         text += f"; about {_human(gpu['total'])} on one H100-class GPU"

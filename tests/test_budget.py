@@ -55,3 +55,33 @@ def test_a_budget_with_fewer_seeds_costs_its_share(cpu):
     assert study["search"] == pytest.approx(per_budget + per_budget / 3)
     # quantized models: 3 × (W8A8, W4A4, W3A3, HAWQ 1.0, 3 searches 1.0) + 1 × (W3A2, W2A3, HAWQ 0.7, 3 searches 0.7)
     assert study["finetune"] / full["finetune"] == pytest.approx((3 * 7 + 6) / (3 * 13))
+
+
+def test_robust_bases_their_arms_and_the_sweep_are_priced(cpu):
+    plain = budget.estimate_seconds(cpu, "cpu", 2)
+    assert plain["sweep"] == 0 and "sweep" not in budget.describe(cpu, "cpu", 2)
+    robust = copy.deepcopy(cpu)
+    robust["robust_base"].update(bases=["fp32", "fp32_symreg"], arms=["uniform_w3a3", "arq_b1.0"])
+    est = budget.estimate_seconds(robust, "cpu", 2)
+    assert est["train"] == pytest.approx(2 * plain["train"])  # a second base, same recipe
+    arq_only = copy.deepcopy(cpu)
+    arq_only["search"].update(methods=["arq"], budgets=[1.0], seeds_by_budget={})
+    # three more ARQ searches at 1.0% (seeds 0-2), on the robust base
+    assert est["search"] == pytest.approx(plain["search"] + budget.estimate_seconds(arq_only, "cpu", 2)["search"])
+    assert est["finetune"] > plain["finetune"] and est["certify"] > plain["certify"] and est["irs"] > plain["irs"]
+    sam = copy.deepcopy(robust)
+    sam["robust_base"].update(bases=["fp32", "fp32_satnl"], sam={"rho": 0.05, "adaptive": True})
+    assert budget.estimate_seconds(sam, "cpu", 2)["train"] == pytest.approx(
+        plain["train"] + 2 * plain["train"] - _val_passes(cpu))  # ASAM: two passes per training step
+    robust["sweep"].update(enabled=True)
+    swept = budget.estimate_seconds(robust, "cpu", 2)
+    assert swept["sweep"] > 0 and "bit-width sweep" in budget.describe(robust, "cpu", 2)
+    robust["sweep"]["qat"] = []
+    assert budget.estimate_seconds(robust, "cpu", 2)["sweep"] < swept["sweep"]
+
+
+def _val_passes(config):
+    """The training estimate's noisy-val part of one base."""
+    rate = budget.ANCHORS["cpu_per_2_threads"]
+    t = config["train"]
+    return len(config["sigmas"]) * t["epochs"] * min(t["val_images"], config["data"]["val_size"]) / rate["infer"]

@@ -1,6 +1,7 @@
 """The Snakemake DAG: a full smoke-profile run on the real CIFAR-10 copy (e2e, minutes) and fast dry runs."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from arq import config as arq_config
+from arq import models
 from conftest import require_real_archive
 from documented import repository_copy, link_beside, run_documented
 
@@ -771,3 +773,48 @@ def test_smoke_a_failed_job_shows_its_error_on_the_terminal(smoke_run):
     assert not target.exists()
     history = (workdir / "logs" / "smoke" / "certify" / "fp32_sigma0.5.log.attempts").read_text()
     assert "=== attempt started" in history and "trained at σ=0.25" in history
+
+
+# ------------------------------------------------- robust base variants and the bit-width sweep, on the smoke run
+
+ROBUST_OVERLAY = {"robust_base": {"bases": ["fp32", "fp32_symreg_satnl"], "arms": ["uniform_w4a4"]},
+                  "sweep": {"enabled": True, "ptq": [4], "weight_only": [], "qat": [], "images": 10, "n0": 20,
+                            "n": 100}}
+
+
+@pytest.mark.e2e
+def test_smoke_robust_base_arm_and_sweep_reuse_the_plain_run(smoke_run):
+    """The smoke run plus a SymReg+SatNL base, W4A4 finetuned from it and a one-point sweep of both bases (an overlay):
+    nothing of the plain run is redone, the robust base is an ordinary checkpoint that records its variant, and the
+    plain comparison table is byte for byte what it was."""
+    workdir, cfg = _check_ran(smoke_run)
+    overlay = workdir / "robust-overlay.yaml"
+    overlay.write_text(yaml.safe_dump(ROBUST_OVERLAY))
+    table = workdir / "results" / "smoke" / "report" / "table.md"
+    before = table.read_text()
+    args = ("--cores", "2", "--configfile", str(smoke_run[2]), str(overlay))
+    r = snakemake(workdir, "-n", *args, timeout=300)
+    assert r.returncode == 0, _tail(r)
+    assert job_counts(r.stdout + r.stderr) == {"train_base": 1, "certify": 2, "irs_cache": 1, "finetune": 1,
+                                               "certify_incremental": 1, "sweep": 2, "report": 1, "all": 1,
+                                               "total": 10}
+    r = snakemake(workdir, *args, timeout=1200)
+    assert r.returncode == 0, _tail(r)
+    res = workdir / "results" / "smoke"
+    model, meta = models.load_checkpoint(res / "models" / "fp32_symreg_satnl_sigma0.25" / "model.pt", "resnet20")
+    assert meta["method"] == "fp32_symreg_satnl" and not any("parametrizations" in k for k in model.state_dict())
+    trained = json.loads((res / "models" / "fp32_symreg_satnl_sigma0.25" / "train.json").read_text())
+    assert trained["base"] == "fp32_symreg_satnl" and trained["satnl_bounds"] and trained["asymmetry"]
+    finetuned = json.loads((res / "models" / "uniform_w4a4_symreg_satnl_s0_sigma0.25" / "finetune.json").read_text())
+    assert finetuned["upstream"]["model"]["source"].endswith("models/fp32_symreg_satnl_sigma0.25/model.pt")
+    assert table.read_text() == before
+    robust = (res / "report" / "robust.md").read_text()
+    assert "| Uniform W4A4 [SymReg+SatNL] |" in robust and "| FP32 [SymReg+SatNL] |" in robust
+    for base in ("fp32", "fp32_symreg_satnl"):
+        with open(res / "sweep" / f"{base}_sigma0.25.csv") as f:
+            (point,) = list(csv.DictReader(f))
+        assert point["point"] == "W4A4" and point["mode"] == "ptq" and int(point["images"]) == 10
+    figure = workdir / "figures" / "smoke" / "bit_width_sweep.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    r = snakemake(workdir, "-n", *args, timeout=300)
+    assert "Nothing to be done" in r.stdout + r.stderr, _tail(r)
