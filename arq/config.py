@@ -65,7 +65,7 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"invalid configuration:\n  search.seeds_by_budget.{key}: seeds {extra} are not in "
                               f"search.seeds {sc['seeds']} (a budget runs a subset of them, so that its models "
                               "share seeds with the references for the paired tests)")
-    for key in ("ptq", "weight_only", "qat"):
+    for key in ("ptq", "weight_only", "qat") if config["sweep"]["enabled"] else ():
         for i, b in enumerate(config["sweep"][key]):
             if not lo <= b <= hi:
                 raise ConfigError(f"invalid configuration:\n  sweep.{key}.{i}: {b} bits is outside quant.min_bits.."

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cpu():
-    return cfg.load(ROOT / "config" / "cpu.yaml")
+    """The cpu study's plain-base comparison (its robust base, arms and sweep left out: priced by their own test)."""
+    config = cfg.load(ROOT / "config" / "cpu.yaml")
+    config["robust_base"].update(bases=["fp32"], arms=[], sam=None)
+    config["sweep"]["enabled"] = False
+    return config
 
 
 def test_hawq_term_scales_with_its_iterations_and_vanishes_when_disabled(cpu):

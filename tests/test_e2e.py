@@ -99,9 +99,12 @@ def test_dry_run_of_the_cpu_study_plans_every_seed_and_budget(tmp_path):
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     r = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(config), timeout=300)
     assert r.returncode == 0, _tail(r)
+    # issue 24 on the same models: a SymReg+SatNL base with its Hessian, IRS cache and sweep, and W3A3, HAWQ-V3,
+    # HAQ and ARQ at 1.0% made from it with seeds 0-2 (4 × 3 more finetuned, certified, certified incrementally)
     assert job_counts(r.stdout + r.stderr) == {
-        "all": 1, "prepare_data": 1, "train_base": 1, "uniform": 5, "hessian": 1, "allocate_hawq": 2, "search": 12,
-        "irs_cache": 1, "finetune": 27, "certify": 28, "certify_incremental": 27, "report": 1, "total": 107}
+        "all": 1, "prepare_data": 1, "train_base": 2, "uniform": 5, "hessian": 2, "allocate_hawq": 3, "search": 18,
+        "irs_cache": 2, "finetune": 39, "certify": 41, "certify_incremental": 39, "sweep": 2, "report": 1,
+        "total": 156}
     out = r.stdout + r.stderr
     res = tmp_path / "results" / "cpu"
     for name in ("uniform_w3a3_s2", "uniform_w2a3_s0", "hawq_b0.7_s0", "arq_b1.0_s2", "random_b0.7_s0"):
@@ -110,6 +113,10 @@ def test_dry_run_of_the_cpu_study_plans_every_seed_and_budget(tmp_path):
         assert f"{name}_sigma0.25" not in out
     assert f"{res}/policies/haq_b1.0_s1_sigma0.25.json" in out and f"{res}/policies/hawq_b1.0_sigma0.25.json" in out
     assert "--seed 2" in out or "seed=2" in out
+    for name in ("fp32_symreg_satnl", "uniform_w3a3_symreg_satnl_s2", "arq_b1.0_symreg_satnl_s1"):
+        assert f"{res}/certify/{name}_sigma0.25.tsv" in out
+    assert "arq_b0.7_symreg_satnl" not in out and "random_b1.0_symreg_satnl" not in out  # the arms only
+    assert f"{res}/sweep/fp32_symreg_satnl_sigma0.25.csv" in out and f"{res}/sweep/fp32_sigma0.25.csv" in out
 
 
 def test_lint_finds_nothing_but_the_per_rule_software_environment(tmp_path):

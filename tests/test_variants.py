@@ -80,7 +80,7 @@ def test_satnl_starts_at_the_initial_weights_and_bounds_them(scale):
             assert torch.allclose(m.weight, w0[n], atol=1e-5)
     with torch.no_grad():  # latents far into saturation, as large updates would drive them
         for m in satnl.attached(net):
-            m.parametrizations.weight.original.mul_(50.0)
+            m.parametrizations.weight.original.mul_(500.0)
     for name, (w_max, alpha_max) in satnl.bounds(net).items():
         assert w_max <= alpha_max + 1e-6, name
     for n, m in net.named_modules():

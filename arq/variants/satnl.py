@@ -4,12 +4,13 @@ Why: a quantizer's range is set by the largest weights; bounding them narrows th
 levels where most weights are and small weights keep their resolution (less clipping and rounding mismatch between
 the float and the quantized network).
 
-Our reconstruction (the paper names tanh; its exact form was not available): the layer keeps a latent tensor v and a
-learned positive scale α (one per output channel, or one per layer), and its weight is w = α · tanh(v). The weight is
-odd in v, bounded by α, and its slope in v falls with |v|, so large latent values saturate instead of widening the
-range. At the start w equals the initial weights: α = max |w₀| of its channel (or layer) times ``headroom``, and
-v = atanh(w₀ / α). ``export`` replaces the parametrization by the weight it computes, so the trained network is an
-ordinary one and gives the same logits.
+Our reconstruction (the paper names tanh; its exact form was not available): the layer keeps a latent tensor v (in
+weight units) and a learned positive bound α (one per output channel, or one per layer), and its weight is
+w = α · tanh(v / α). The weight is odd in v, bounded by α, and its slope in v is 1 at 0 and falls with |v|: small
+weights train as plain ones do (w = α·tanh(v) instead would scale every step by α², measured as a much slower start),
+large latent values saturate instead of widening the range. At the start w equals the initial weights:
+α = max |w₀| of its channel (or layer) times ``headroom``, and v = α · atanh(w₀ / α). ``export`` replaces the
+parametrization by the weight it computes, so the trained network is an ordinary one and gives the same logits.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ SCALES = ("channel", "layer")
 
 
 class Saturate(nn.Module):
-    """The parametrization w = α · tanh(v), with the scale stored as log α (so it stays positive)."""
+    """The parametrization w = α · tanh(v / α), with the bound stored as log α (so it stays positive)."""
 
     def __init__(self, w0: torch.Tensor, scale: str, headroom: float):
         super().__init__()
@@ -40,11 +41,13 @@ class Saturate(nn.Module):
         return self.log_alpha.exp()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.alpha * torch.tanh(v)
+        alpha = self.alpha
+        return alpha * torch.tanh(v / alpha)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """The latent v that gives ``w`` (parametrize calls it when the parametrization is registered)."""
-        return torch.atanh((w / self.alpha).clamp(-1 + 1e-6, 1 - 1e-6))
+        alpha = self.alpha
+        return alpha * torch.atanh((w / alpha).clamp(-1 + 1e-6, 1 - 1e-6))
 
 
 def attach(model: nn.Module, scale: str = "channel", headroom: float = 1.5) -> list[str]:
