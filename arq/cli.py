@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         if args.command == "check-config":
+            from arq import layout
+
+            layout.check(config)
             print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
             return 0
         if args.command == "prepare":

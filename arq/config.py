@@ -70,18 +70,6 @@ def validate(config: dict) -> dict:
             if not lo <= b <= hi:
                 raise ConfigError(f"invalid configuration:\n  sweep.{key}.{i}: {b} bits is outside quant.min_bits.."
                                   f"max_bits {lo}..{hi}")
-    rb = config["robust_base"]
-    if rb["arms"]:
-        from arq import layout
-
-        if rb["bases"] == ["fp32"]:
-            raise ConfigError("invalid configuration:\n  robust_base.arms: robust_base.bases lists no robust base to "
-                              "finetune them from (add fp32_symreg, fp32_satnl or fp32_symreg_satnl)")
-        plain = {layout.parse(m).method for m in layout.methods({**config, "robust_base": {**rb, "arms": []}})}
-        for i, arm in enumerate(rb["arms"]):
-            if arm not in plain:
-                raise ConfigError(f"invalid configuration:\n  robust_base.arms.{i}: {arm} is not a method this profile "
-                                  f"runs ({', '.join(sorted(plain - {'fp32'}))})")
     if config["irs"]["n"] % config["irs"]["chunk"]:
         raise ConfigError("invalid configuration:\n  irs.n: must be a multiple of irs.chunk "
                           f"({config['irs']['n']} is not a multiple of {config['irs']['chunk']})")

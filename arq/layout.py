@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from arq.config import sigma_tag
+from arq.config import ConfigError, sigma_tag
 
 NAME = re.compile(r"(?P<family>[a-z0-9]+)(?:_(?P<variant>[a-z0-9.]+))?")
 # a model made from a robust base variant (arq.variants) carries the variant's suffix before its seed
@@ -158,6 +158,24 @@ def arms(config: dict) -> list[str]:
     ``arq_b1.0_symreg_s0``: the same methods, policies searched or allocated on that base."""
     return [model_name(arm + base[len("fp32"):], s) for base in bases(config)[1:]
             for arm in config["robust_base"]["arms"] for s in arm_seeds(config, arm)]
+
+
+def check(config: dict) -> dict:
+    """The cross-checks that need the profile's methods (``config.validate`` has done the rest): every
+    ``robust_base.arms`` entry is a method the profile runs, and there is a robust base to make it from. Raises
+    ConfigError naming the key; returns the config."""
+    rb = config["robust_base"]
+    if not rb["arms"]:
+        return config
+    if bases(config) == ["fp32"]:
+        raise ConfigError("invalid configuration:\n  robust_base.arms: robust_base.bases lists no robust base to "
+                          "finetune them from (add fp32_symreg, fp32_satnl or fp32_symreg_satnl)")
+    plain = {parse(m).method for m in methods({**config, "robust_base": {**rb, "arms": []}})}
+    for i, arm in enumerate(rb["arms"]):
+        if arm not in plain:
+            raise ConfigError(f"invalid configuration:\n  robust_base.arms.{i}: {arm} is not a method this profile "
+                              f"runs ({', '.join(sorted(plain - {'fp32'}))})")
+    return config
 
 
 def methods(config: dict) -> list[str]:

@@ -220,16 +220,24 @@ def test_a_finetune_from_the_wrong_base_is_refused(tmp_path, smoke_config, tiny_
 
 # ------------------------------------------------------------------------------------------ profile and layout
 
-def test_arms_must_be_methods_of_the_profile_and_need_a_robust_base(smoke_config):
+def test_arms_must_be_methods_of_the_profile_and_need_a_robust_base(smoke_config, tmp_path):
     cfg = copy.deepcopy(smoke_config)
     cfg["robust_base"]["arms"] = ["uniform_w4a4"]
     with pytest.raises(arq_config.ConfigError, match="robust_base.arms: robust_base.bases lists no robust base"):
-        arq_config.validate(cfg)
+        layout.check(arq_config.validate(cfg))
     cfg["robust_base"]["bases"] = ["fp32", "fp32_satnl"]
-    arq_config.validate(cfg)
+    layout.check(arq_config.validate(cfg))
     cfg["robust_base"]["arms"] = ["uniform_w4a4", "arq_b0.3"]
     with pytest.raises(arq_config.ConfigError, match="robust_base.arms.1: arq_b0.3 is not a method"):
-        arq_config.validate(cfg)
+        layout.check(arq_config.validate(cfg))
+    # arq check-config runs the same check
+    import yaml
+
+    from arq.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == 2
     cfg["robust_base"]["bases"] = ["fp32_satnl"]
     with pytest.raises(arq_config.ConfigError, match="robust_base.bases"):
         arq_config.validate(cfg)
@@ -240,7 +248,7 @@ def test_robust_arms_are_models_of_their_own_with_the_arm_s_seeds(smoke_config):
     cfg["search"].update(seeds=[0, 1], budgets=[1.0, 0.7], seeds_by_budget={"0.7": [0]})
     cfg["robust_base"].update(bases=["fp32", "fp32_symreg", "fp32_symreg_satnl"],
                               arms=["uniform_w3a3", "hawq_b1.0", "arq_b0.7"])
-    arq_config.validate(cfg)
+    layout.check(arq_config.validate(cfg))
     arms = layout.arms(cfg)
     assert arms == [f"{m}_{tag}_s{s}" for tag in ("symreg", "symreg_satnl")
                     for m, seeds in (("uniform_w3a3", (0, 1)), ("hawq_b1.0", (0, 1)), ("arq_b0.7", (0,)))

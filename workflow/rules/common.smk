@@ -18,7 +18,7 @@ from arq.variants import settings as variant_settings
 try:
     if workflow.overwrite_configfiles:
         load(*workflow.overwrite_configfiles)
-    validate(config)
+    layout.check(validate(config))
 except ConfigError as exc:
     raise WorkflowError(str(exc))
 
