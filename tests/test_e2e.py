@@ -733,10 +733,10 @@ def test_smoke_hawq(smoke_run):
 def test_smoke_job_logs_keep_every_attempt(smoke_run):
     workdir, cfg = _check_ran(smoke_run)
     logs = workdir / "logs" / "smoke"
-    attempts = logs / "train_base" / "sigma0.25.log.attempts"
+    attempts = logs / "train_base" / "fp32_sigma0.25.log.attempts"
     text = attempts.read_text()
     assert text.startswith("=== attempt started ") and "epoch 4/4" in text
-    assert "epoch 4/4" in (logs / "train_base" / "sigma0.25.log").read_text()
+    assert "epoch 4/4" in (logs / "train_base" / "fp32_sigma0.25.log").read_text()
     assert "verified" in (logs / "prepare_data.log").read_text()
 
 
