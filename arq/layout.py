@@ -6,7 +6,9 @@ Model names: ``fp32`` for the base model; ``<family>_<variant>_s<seed>`` for qua
 gives a budget): a search's seed drives its agent and episode
 noise, and every quantized model's final finetune draws from ``finetune.seed + seed``, so uniform and HAWQ models
 get the same seed spread as the searched ones. Without the seed, ``<family>_<variant>`` names the method (a row of
-the report). ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data,
+the report). A robust base variant (arq.variants) is named ``fp32_symreg``, ``fp32_satnl`` or ``fp32_symreg_satnl``,
+and a model made from it carries the variant's tag before its seed (``arq_b1.0_symreg_satnl_s2``); the plain base's
+names and files are the ones above. ``model_name`` builds a name and ``parse`` reads one back. Binary files (``*.pt``: prepared data,
 checkpoints, IRS caches, search states) are DVC's; text results (JSON, TSV, CSV, policies, tables) are git's.
 """
 from __future__ import annotations
@@ -213,10 +215,6 @@ def cache_file(config: dict, base: str, sigma: str, ext: str = "pt") -> str:
 def sweep_file(config: dict, base: str, sigma: str) -> str:
     """The bit-width sweep's CSV of a base variant at σ (arq.sweep)."""
     return f"{results_dir(config)}/sweep/{base}_sigma{sigma}.csv"
-
-
-def hessian_file(config: dict, base: str, sigma: str) -> str:
-    return f"{results_dir(config)}/hawq/hessian{base[len('fp32'):]}_sigma{sigma}.json"
 
 
 def report_inputs(config: dict) -> dict[str, list[str]]:

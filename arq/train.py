@@ -10,6 +10,7 @@ import csv
 import io
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from arq.config import config_hash
 from arq.data import Prepared, Split, balanced
 from arq.io import origin, provenance, set_aside, torch_save, write_json, write_text
 from arq.layout import parse
+
+if TYPE_CHECKING:
+    from arq.variants.training import Objective
 
 
 def epoch_generator(stream: str, seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -99,7 +103,7 @@ def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sch
 
 def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, stream: str,
                seed: int, epochs: int, batch_size: int, device: torch.device, log=print, first_epoch: int = 0,
-               history: list[dict] | None = None, on_epoch=None, objective: variants.Objective | None = None
+               history: list[dict] | None = None, on_epoch=None, objective: Objective | None = None
                ) -> list[dict]:
     """The training loop every stage shares (base training, QAT finetune, search episodes).
 
