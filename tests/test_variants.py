@@ -138,7 +138,7 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_point(adaptive):
         return loss
 
     loss = sam.step([w], closure, opt, rho=0.05, adaptive=adaptive)
-    assert float(loss) == pytest.approx(float((w0 ** 4).sum() / 4))
+    assert float(loss.detach()) == pytest.approx(float((w0 ** 4).sum() / 4))
     assert torch.allclose(w.detach(), expected, atol=1e-6)
 
 
