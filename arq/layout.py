@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arq.config import ConfigError, sigma_tag
+from arq.variants import variant
 
 NAME = re.compile(r"(?P<family>[a-z0-9]+)(?:_(?P<variant>[a-z0-9.]+))?")
 # a model made from a robust base variant (arq.variants) carries the variant's suffix before its seed
@@ -38,7 +39,7 @@ class Name:
     @property
     def suffix(self) -> str:
         """The base variant's suffix (``_symreg``; empty for the plain base)."""
-        return self.base[len("fp32"):]
+        return variant(self.base).suffix
 
     @property
     def method(self) -> str:
@@ -158,7 +159,7 @@ def arm_seeds(config: dict, method: str) -> list[int]:
 def arms(config: dict) -> list[str]:
     """The models finetuned from each robust base (``robust_base.arms`` × the robust bases × the arm's seeds), e.g.
     ``arq_b1.0_symreg_s0``: the same methods, policies searched or allocated on that base."""
-    return [model_name(arm + base[len("fp32"):], s) for base in bases(config)[1:]
+    return [model_name(arm + variant(base).suffix, s) for base in bases(config)[1:]
             for arm in config["robust_base"]["arms"] for s in arm_seeds(config, arm)]
 
 
@@ -209,7 +210,7 @@ def policy_file(config: dict, model: str, sigma: str) -> str:
 def cache_file(config: dict, base: str, sigma: str, ext: str = "pt") -> str:
     """The IRS cache of a base variant at σ (its certification of the val subset): ``irs/cache_sigma0.25.pt`` for the
     plain base, ``irs/cache_symreg_sigma0.25.pt`` for fp32_symreg."""
-    return f"{results_dir(config)}/irs/cache{base[len('fp32'):]}_sigma{sigma}.{ext}"
+    return f"{results_dir(config)}/irs/cache{variant(base).suffix}_sigma{sigma}.{ext}"
 
 
 def sweep_file(config: dict, base: str, sigma: str) -> str:

@@ -91,7 +91,6 @@ def run_point(config: dict, point: Point, base: str, sigma: float, base_model: s
     cfg = point_config(config, point)
     d = Path(out_dir) / point.name
     method = point_model(point, base)
-    start = time.perf_counter()
     cert = _done(d / "certify.json", cfg)
     if cert is None:
         if not ((d / "model.pt").exists() and _done(d / "finetune.json", cfg)):  # else finetuned before the cut
@@ -108,7 +107,7 @@ def run_point(config: dict, point: Point, base: str, sigma: float, base_model: s
             "a_bits": point.a_bits, "bitops_pct": round(cert["bitops_pct"], 6),
             "noisy_val_acc": ft["final_noisy_val_acc"], "clean_accuracy": cert["clean_accuracy"], "acr": cert["acr"],
             "abstain_rate": cert["abstain_rate"], "images": cert["images"], "n": cert["n"],
-            "seconds": round(ft["wall_seconds"] + cert["wall_seconds"], 2), "_elapsed": time.perf_counter() - start}
+            "seconds": round(ft["wall_seconds"] + cert["wall_seconds"], 2)}
 
 
 def run_sweep(config: dict, base: str, sigma: float, base_model: str | Path, data, out_csv: str | Path,
@@ -123,7 +122,6 @@ def run_sweep(config: dict, base: str, sigma: float, base_model: str | Path, dat
     for k, point in enumerate(todo, 1):
         log(f"[{k}/{len(todo)}] {base} σ={sigma}: {point.mode.upper()} {point.tag}")
         row = run_point(config, point, base, sigma, base_model, data, Path(out_dir), device, log)
-        row.pop("_elapsed")
         rows.append(row)
         log(f"[{k}/{len(todo)}] {point.name}: noisy val acc {row['noisy_val_acc']:.3f}, smoothed clean "
             f"{row['clean_accuracy']:.3f}, ACR {row['acr']:.3f}")
