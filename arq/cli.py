@@ -76,16 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="Cohen CERTIFY on the certification subset")
     _common(p)
-    p.add_argument("--model", required=True, help="checkpoint to certify (FP32 or quantized)")
     p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
+    p.add_argument("--model", required=True, help="checkpoint to certify (FP32 or quantized)")
     p.add_argument("--out", required=True, help="TSV in Cohen's format")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--method", default="fp32", help="model name the outputs are for (the checkpoint must match)")
 
     p = sub.add_parser("irs-cache", help="certify the FP32 model once on the val subset and cache it for IRS")
     _common(p)
-    p.add_argument("--model", required=True, help="FP32 checkpoint")
     p.add_argument("--sigma", type=float, required=True, help="σ the cache is for (the checkpoint must match)")
+    p.add_argument("--model", required=True, help="FP32 checkpoint")
     p.add_argument("--out", required=True, help="cache file")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--base", default="fp32", choices=BASES,
@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify-incremental", help="IRS certification of a quantized model against its FP32 cache")
     _common(p)
+    p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--model", required=True, help="quantized checkpoint (records its FP32 base)")
     p.add_argument("--cache", required=True, help="IRS cache of that FP32 base")
-    p.add_argument("--sigma", type=float, required=True, help="σ the outputs are for (the checkpoint must match)")
     p.add_argument("--out", required=True, help="TSV (Cohen's columns plus zeta and branch)")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--method", required=True,
@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="mixed-precision search (arq, haq or random) at one σ and budget (resumable)")
     _common(p)
+    p.add_argument("--sigma", type=float, required=True, help="noise level σ (the FP32 checkpoint must match)")
     p.add_argument("--method", required=True, choices=["arq", "haq", "random"],
                    help="arq: DDPG + certified reward; haq: DDPG + accuracy reward; "
                         "random: random actions + certified reward")
-    p.add_argument("--sigma", type=float, required=True, help="noise level σ (the FP32 checkpoint must match)")
     p.add_argument("--budget", type=float, required=True, help="BitOps budget in %% of FP32")
     p.add_argument("--seed", type=int, required=True,
                    help="one of search.seeds: the agent's and the episodes' random streams")
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="Cohen PREDICT (binomial test) on the certification subset")
     _common(p)
-    p.add_argument("--model", required=True, help="checkpoint to run (FP32 or quantized)")
     p.add_argument("--sigma", type=float, required=True, help="σ of the model (the checkpoint must match)")
+    p.add_argument("--model", required=True, help="checkpoint to run (FP32 or quantized)")
     p.add_argument("--method", default="fp32", help="model name (the checkpoint must match)")
     p.add_argument("--out", required=True,
                    help="TSV in Cohen's format: idx label predict correct time (predict -1: abstained)")
@@ -213,18 +213,195 @@ def _cost_table(arch: str, policy_path: str | None) -> str:
             f"= {s['bitops_pct']:.3f}% of FP32, weights {s['weight_bits'] / 8e6:,.3f} MB")
 
 
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _stage_inputs(args, config: dict):
+    """The prepared data (checked against its manifest) and the device of a stage that reads data."""
+    from arq.data import load_prepared
+
+    return load_prepared(args.data, args.manifest), _device(config)
+
+
+def _resume(args) -> str:
+    return args.resume or str(Path(args.out).with_suffix(".resume.pt"))
+
+
+# ------------------------------------------------------------------------------- one handler per subcommand
+
+def _check_config(args, config: dict) -> None:
+    from arq import config as cfg
+    from arq import layout
+
+    layout.check(config)
+    print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
+
+
+def _prepare(args, config: dict) -> None:
+    from arq.data import prepare
+
+    m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2, log=_log)
+    print(f"prepared {m['sizes']} from {m['source']['path']} → {args.out}")
+
+
+def _train(args, config: dict) -> None:
+    from arq.train import train
+
+    data, device = _stage_inputs(args, config)
+    train(config, args.sigma, data, args.out, _resume(args), args.log_csv, args.metrics, device, log=_log,
+          base=args.base)
+
+
+def _uniform(args, config: dict) -> None:
+    from arq import policy
+
+    doc = policy.uniform_policy(config, args.bits)
+    policy.save(args.out, doc)
+    print(f"{doc['produced_by']}: {doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out}")
+
+
+def _finetune(args, config: dict) -> None:
+    from arq import policy
+    from arq.train import finetune
+
+    data, device = _stage_inputs(args, config)
+    costs, rules = policy.for_config(config)
+    doc = policy.load(args.policy, rules, costs)
+    finetune(config, args.sigma, args.base, doc, data, args.out, _resume(args), args.log_csv, args.metrics, device,
+             args.method, log=_log)
+
+
+def _certify(args, config: dict) -> None:
+    from arq.certify import run_certify
+
+    data, device = _stage_inputs(args, config)
+    s = run_certify(config, args.sigma, args.method, args.model, data, args.out, args.summary, device)
+    print(f"σ={s['sigma']}: clean {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  abstain {s['abstain_rate']:.3f}  "
+          f"{s['samples_per_s']:.0f} samples/s")
+
+
+def _irs_cache(args, config: dict) -> None:
+    from arq.irs import run_cache
+
+    data, device = _stage_inputs(args, config)
+    s = run_cache(config, args.sigma, args.model, data, args.out, args.summary, device, base=args.base)
+    print(f"σ={s['sigma']}: cached {s['images']} val images, ACR {s['acr']:.3f}, {s['samples_per_s']:.0f} samples/s")
+
+
+def _certify_incremental(args, config: dict) -> None:
+    from arq.irs import run_incremental
+
+    data, device = _stage_inputs(args, config)
+    s = run_incremental(config, args.sigma, args.method, args.model, args.cache, data, args.out, args.summary, device)
+    print(f"{args.method} σ={s['sigma']}: ACR {s['acr']:.3f} (FP32 {s['fp32_acr']:.3f}), branches {s['branches']}, "
+          f"{s['seconds_certifying']:.1f} s")
+
+
+def _search(args, config: dict) -> None:
+    from arq.search.run import run_search
+
+    data, device = _stage_inputs(args, config)
+    doc = run_search(config, args.sigma, args.method, args.budget, args.seed, args.model, data, args.cache,
+                     args.out_csv, args.out_policy, args.out_png, args.state or f"{args.out_csv}.state.pt", device,
+                     log=_log, base=args.base)
+    print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "
+          f"{doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out_policy}")
+
+
+def _hessian(args, config: dict) -> None:
+    from arq.hawq.hessian import run_hessian
+
+    data, device = _stage_inputs(args, config)
+    run_hessian(config, args.sigma, args.model, data, args.out, device, log=_log, base=args.base)
+
+
+def _allocate_hawq(args, config: dict) -> None:
+    from arq.hawq.ilp import run_allocate
+
+    run_allocate(config, args.sigma, args.budget, args.model, args.hessian, args.out, log=_log, base=args.base)
+
+
+def _sweep(args, config: dict) -> None:
+    from arq.sweep import run_sweep
+
+    data, device = _stage_inputs(args, config)
+    rows = run_sweep(config, args.sigma, args.base, args.model, data, args.out_csv, args.summary, args.out_dir, device,
+                     log=_log)
+    print(f"{args.base} σ={args.sigma}: {len(rows)} points → {args.out_csv}")
+
+
+def _predict(args, config: dict) -> None:
+    from arq.certify import run_predict
+
+    data, device = _stage_inputs(args, config)
+    rows = run_predict(config, args.sigma, args.method, args.model, data, args.out, args.n or config["certify"]["n"],
+                       args.alpha or config["certify"]["alpha"], device)
+    print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
+
+
+def _report(args, config: dict) -> None:
+    from arq import report
+
+    out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs), bool(args.policies),
+                         any(map(report.is_robust, args.summaries)), bool(args.sweeps))
+    tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out, args.irs_caches,
+                        args.sweeps)
+    print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
+
+
+def _artifacts(args, config: dict) -> None:
+    from arq import artifacts
+
+    files = [args.config, *args.overlays]
+    if args.action == "verify":
+        n = len(artifacts.verify(config))
+        print(f"profile {config['profile']!r}: {n} DVC-tracked file(s) match their records")
+    elif args.action == "add":
+        artifacts.add(config, files, partial=args.partial)
+    else:
+        getattr(artifacts, args.action)(config, files, args.remote, partial=args.partial)
+
+
+def _regenerate(args, config: dict) -> int:
+    import tempfile
+
+    from arq import report
+
+    if not args.check:
+        out = report.regenerate(config)
+        print("\n".join(v if isinstance(v, str) else "\n".join(v) for v in out.values()))
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        diffs = report.check(config, scratch)
+    if diffs:
+        print("".join(diffs), file=sys.stderr)
+        print(f"arq regenerate: {len(diffs)} problem(s): profile {config['profile']!r} has inconsistent text results "
+              f"or tables that differ from what its text results give", file=sys.stderr)
+        return 1
+    print(f"profile {config['profile']!r}: every table regenerates byte for byte")
+    return 0
+
+
+HANDLERS = {"check-config": _check_config, "prepare": _prepare, "train": _train, "uniform": _uniform,
+            "finetune": _finetune, "certify": _certify, "irs-cache": _irs_cache,
+            "certify-incremental": _certify_incremental, "search": _search, "hessian": _hessian,
+            "allocate-hawq": _allocate_hawq, "sweep": _sweep, "predict": _predict, "report": _report,
+            "artifacts": _artifacts, "regenerate": _regenerate}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from arq import config as cfg
     from arq.artifacts import ArtifactError
-    from arq.data import DataError, load_prepared
+    from arq.data import DataError
     from arq.irs import CacheError
     from arq.models import CheckpointError
     from arq.policy import BudgetError, PolicyError
 
     try:
-        if args.command == "cost":
+        if args.command == "cost":  # the one subcommand without a profile
             print(_cost_table(args.arch, args.policy))
             return 0
         config = cfg.load(args.config, *getattr(args, "overlays", ()))
@@ -232,132 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.command == "check-config":
-            from arq import layout
-
-            layout.check(config)
-            print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
-            return 0
-        if args.command == "prepare":
-            from arq.data import prepare
-
-            m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2, log=lambda t: print(t, flush=True))
-            print(f"prepared {m['sizes']} from {m['source']['path']} → {args.out}")
-            return 0
-        if args.command == "report":
-            from arq import report
-
-            out = report.outputs(args.report_dir, args.figures_dir, bool(args.search_csvs), bool(args.policies),
-                                 any(map(report.is_robust, args.summaries)), bool(args.sweeps))
-            tables = report.run(config, args.summaries, args.tsvs, args.policies, args.search_csvs, out,
-                                args.irs_caches, args.sweeps)
-            print(tables["main"][["sigma", "name", "bitops_pct", "clean", "ACR"]].to_string(index=False))
-            return 0
-        if args.command == "artifacts":
-            from arq import artifacts
-
-            files = [args.config, *args.overlays]
-            if args.action == "verify":
-                n = len(artifacts.verify(config))
-                print(f"profile {config['profile']!r}: {n} DVC-tracked file(s) match their records")
-            elif args.action == "add":
-                artifacts.add(config, files, partial=args.partial)
-            else:
-                getattr(artifacts, args.action)(config, files, args.remote, partial=args.partial)
-            return 0
-        if args.command == "regenerate":
-            import tempfile
-
-            from arq import report
-
-            if not args.check:
-                out = report.regenerate(config)
-                print("\n".join(v if isinstance(v, str) else "\n".join(v) for v in out.values()))
-                return 0
-            with tempfile.TemporaryDirectory() as scratch:
-                diffs = report.check(config, scratch)
-            if diffs:
-                print("".join(diffs), file=sys.stderr)
-                print(f"arq regenerate: {len(diffs)} problem(s): profile {config['profile']!r} has inconsistent text "
-                      f"results or tables that differ from what its text results give", file=sys.stderr)
-                return 1
-            print(f"profile {config['profile']!r}: every table regenerates byte for byte")
-            return 0
-        if args.command == "uniform":
-            from arq import policy
-
-            doc = policy.uniform_policy(config, args.bits)
-            policy.save(args.out, doc)
-            print(f"{doc['produced_by']}: {doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out}")
-            return 0
-        if args.command == "allocate-hawq":
-            from arq.hawq.ilp import run_allocate
-
-            run_allocate(config, args.sigma, args.budget, args.model, args.hessian, args.out,
-                         log=lambda t: print(t, flush=True), base=args.base)
-            return 0
-        data = load_prepared(args.data, args.manifest)
-        device = _device(config)
-        if args.command == "train":
-            from arq.train import train
-
-            train(config, args.sigma, data, args.out, args.resume or str(Path(args.out).with_suffix(".resume.pt")),
-                  args.log_csv, args.metrics, device, log=lambda s: print(s, flush=True), base=args.base)
-        elif args.command == "finetune":
-            from arq import policy
-            from arq.train import finetune
-
-            costs, rules = policy.for_config(config)
-            doc = policy.load(args.policy, rules, costs)
-            finetune(config, args.sigma, args.base, doc, data, args.out,
-                     args.resume or str(Path(args.out).with_suffix(".resume.pt")), args.log_csv, args.metrics, device,
-                     args.method, log=lambda s: print(s, flush=True))
-        elif args.command == "certify":
-            from arq.smoothing import run_certify
-
-            s = run_certify(config, args.model, data, args.out, args.summary, device, args.method, args.sigma)
-            print(f"σ={s['sigma']}: clean {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  abstain {s['abstain_rate']:.3f}  "
-                  f"{s['samples_per_s']:.0f} samples/s")
-        elif args.command == "irs-cache":
-            from arq.irs import run_cache
-
-            s = run_cache(config, args.model, data, args.out, args.summary, device, args.sigma, base=args.base)
-            print(f"σ={s['sigma']}: cached {s['images']} val images, ACR {s['acr']:.3f}, "
-                  f"{s['samples_per_s']:.0f} samples/s")
-        elif args.command == "certify-incremental":
-            from arq.irs import run_incremental
-
-            s = run_incremental(config, args.model, args.cache, data, args.out, args.summary, device, args.method,
-                                args.sigma)
-            print(f"{args.method} σ={s['sigma']}: ACR {s['acr']:.3f} (FP32 {s['fp32_acr']:.3f}), branches "
-                  f"{s['branches']}, {s['seconds_certifying']:.1f} s")
-        elif args.command == "search":
-            from arq.search.run import run_search
-
-            doc = run_search(config, args.sigma, args.method, args.budget, args.seed, args.model, data, args.cache,
-                             args.out_csv,
-                             args.out_policy, args.out_png, args.state or f"{args.out_csv}.state.pt", device,
-                             log=lambda t: print(t, flush=True), base=args.base)
-            print(f"{args.method} σ={args.sigma}: best reward {doc['reward']:.4f} at episode {doc['episode']}, "
-                  f"{doc['bitops_pct']:.3f}% of FP32 BitOps → {args.out_policy}")
-        elif args.command == "hessian":
-            from arq.hawq.hessian import run_hessian
-
-            run_hessian(config, args.sigma, args.model, data, args.out, device, log=lambda t: print(t, flush=True),
-                        base=args.base)
-        elif args.command == "sweep":
-            from arq.sweep import run_sweep
-
-            rows = run_sweep(config, args.base, args.sigma, args.model, data, args.out_csv, args.summary, args.out_dir,
-                             device, log=lambda t: print(t, flush=True))
-            print(f"{args.base} σ={args.sigma}: {len(rows)} points → {args.out_csv}")
-        elif args.command == "predict":
-            from arq.smoothing import run_predict
-
-            rows = run_predict(config, args.model, data, args.out, args.n or config["certify"]["n"],
-                               args.alpha or config["certify"]["alpha"], device, args.method, args.sigma)
-            print(f"accuracy {sum(r['correct'] for r in rows) / len(rows):.3f} on {len(rows)} images")
-        return 0
+        return HANDLERS[args.command](args, config) or 0
     except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError, BudgetError, ArtifactError,
             FileNotFoundError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)

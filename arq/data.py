@@ -52,6 +52,11 @@ class Prepared:
     manifest: dict
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → [0,1] floats: noise is added in this space, as in training (Cohen et al.)."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x
+
+
 # ----------------------------------------------------------------------------------------------- sources
 
 UNVERIFIED = ("unverified: no data.sha256 and no SHA256SUMS list in the folder, so the images were not checked "

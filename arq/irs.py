@@ -41,9 +41,9 @@ from torch import nn
 
 from arq import rng
 from arq.config import config_hash
+from arq.engine import Engine, model_device
 from arq.io import torch_save
-from arq.smoothing import (ABSTAIN, Engine, certified_radius, lower_confidence_bound, model_device,
-                           upper_confidence_bound)
+from arq.smoothing import ABSTAIN, certified_radius, lower_confidence_bound, upper_confidence_bound
 
 FORMAT = "arq-irs-cache/1"
 ZETA_COUNTS = ("top_class_losses", "all_disagreements")
@@ -275,20 +275,19 @@ IRS_TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "zeta", "bran
 
 def _val_subset(data, images: int | None):
     """The cache's val images: class-balanced (the val split is kept in class order)."""
-    from arq.data import balanced_positions
-    from arq.smoothing import to_unit
+    from arq.data import balanced_positions, to_unit
 
     pos = balanced_positions(data.val.y, images)
     return pos, to_unit(data.val.x[pos]), data.val.y[pos]
 
 
-def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summary_json: str | Path,
-              device: torch.device, sigma: float, log: Callable = print, base: str = "fp32") -> dict:
+def run_cache(config: dict, sigma: float, model_path: str | Path, data, out: str | Path, summary_json: str | Path,
+              device: torch.device, log: Callable = print, base: str = "fp32") -> dict:
     """The irs_cache stage: certify the FP32 model (the ``base`` variant) on the val subset once, keep what IRS
     replays."""
     from arq import models
+    from arq.certify import progress
     from arq.io import origin, provenance, sha256_file, write_json
-    from arq.smoothing import _progress
 
     start = time.perf_counter()
     ic = config["irs"]
@@ -303,7 +302,7 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
                         {"model_sha256": sha256_file(model_path), "data_sha256": data.manifest["file_sha256"],
                          "arch": config["model"]["arch"], "split": "val", "engine": engine.describe(),
                          "config_hash": config_hash(config)},
-                        _progress(f"irs cache σ={sigma}"))
+                        progress(f"irs cache σ={sigma}"))
     cache.save(out)
     certified = cache.top != ABSTAIN
     summary = {"base": base, "sigma": sigma, "images": len(pos), "n0": ic["n0"], "n": ic["n"], "alpha": ic["alpha"],
@@ -318,16 +317,18 @@ def run_cache(config: dict, model_path: str | Path, data, out: str | Path, summa
     return summary
 
 
-def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path, data, out_tsv: str | Path,
-                    summary_json: str | Path, device: torch.device, method: str, sigma: float,
+def run_incremental(config: dict, sigma: float, method: str, model_path: str | Path, cache_path: str | Path, data,
+                    out_tsv: str | Path, summary_json: str | Path, device: torch.device,
                     log: Callable = print) -> dict:
     """Certify a quantized checkpoint incrementally against the cache of the FP32 model it was made from."""
     import datetime
     from decimal import ROUND_CEILING
 
     from arq import models
+    from arq.certify import progress
+    from arq.data import to_unit
     from arq.io import origin, provenance, write_json
-    from arq.smoothing import _progress, format_bound, summarize, to_unit, write_tsv
+    from arq.records import format_bound, summarize, write_tsv
 
     start = time.perf_counter()
     ic = config["irs"]
@@ -343,7 +344,7 @@ def run_incremental(config: dict, model_path: str | Path, cache_path: str | Path
     x = to_unit(data.val.x[pos])
     results, seconds = certify_incremental(engine.prepare(model, device), cache, x, ic["n_p"], ic["alpha_zeta"],
                                            ic["gamma"], ic["chunks_per_batch"],
-                                           _progress(f"irs {method} σ={cache.meta['sigma']}"), ic["zeta_counts"])
+                                           progress(f"irs {method} σ={cache.meta['sigma']}"), ic["zeta_counts"])
     per_image = seconds / max(len(results), 1)
     rows = [{"idx": int(i), "label": int(y), "predict": r.prediction, "radius": format_bound(r.radius),
              "correct": int(r.prediction == int(y)), "zeta": format_bound(r.zeta, ROUND_CEILING), "branch": r.branch,

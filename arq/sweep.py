@@ -2,7 +2,7 @@
 bit-width keeps, without training (post-training quantization) and with the shared finetune (QAT).
 
 Each point is the pipeline's own two stages with the sweep's settings and nothing else changed: ``arq.train.finetune``
-of the uniform policy (``finetune.epochs`` = 0 for PTQ: calibration only), then ``arq.smoothing.run_certify`` on
+of the uniform policy (``finetune.epochs`` = 0 for PTQ: calibration only), then ``arq.certify.run_certify`` on
 ``sweep.images`` of the certification subset at (``sweep.n0``, ``sweep.n``). So a point is exactly the single run of
 those settings (``point_config``), and every point of every variant sees the same finetune batches and the same
 certification noise. A point's text results stay in ``<out_dir>/<point>/`` (the model is deleted once certified),
@@ -85,7 +85,7 @@ def _done(summary: Path, cfg: dict) -> dict | None:
 def run_point(config: dict, point: Point, base: str, sigma: float, base_model: str | Path, data, out_dir: Path,
               device: torch.device, log: Callable = print) -> dict:
     """One point (resumable: a certified point with the same settings is read back, not rerun)."""
-    from arq.smoothing import run_certify
+    from arq.certify import run_certify
     from arq.train import finetune
 
     cfg = point_config(config, point)
@@ -97,7 +97,7 @@ def run_point(config: dict, point: Point, base: str, sigma: float, base_model: s
             doc = policy.uniform_policy(cfg, point.tag)
             finetune(cfg, sigma, base_model, doc, data, d / "model.pt", d / "model.resume.pt", d / "finetune.csv",
                      d / "finetune.json", device, method, log=log)
-        cert = run_certify(cfg, d / "model.pt", data, d / "certify.tsv", d / "certify.json", device, method, sigma,
+        cert = run_certify(cfg, sigma, method, d / "model.pt", data, d / "certify.tsv", d / "certify.json", device,
                            log=log)
         (d / "model.pt").unlink()  # the text results are the point's record; the model is a minute to remake
     else:
@@ -110,7 +110,7 @@ def run_point(config: dict, point: Point, base: str, sigma: float, base_model: s
             "seconds": round(ft["wall_seconds"] + cert["wall_seconds"], 2)}
 
 
-def run_sweep(config: dict, base: str, sigma: float, base_model: str | Path, data, out_csv: str | Path,
+def run_sweep(config: dict, sigma: float, base: str, base_model: str | Path, data, out_csv: str | Path,
               summary_json: str | Path, out_dir: str | Path, device: torch.device, log: Callable = print) -> list[dict]:
     """Every point of ``points`` for one base variant at σ; the CSV (a row per point) and a summary."""
     from arq import models

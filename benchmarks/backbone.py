@@ -14,11 +14,12 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from arq.models import build
-from arq.smoothing import Engine, Smooth
-from arq.train import augment
 from reference import plain_counts, timed
+
+from arq.engine import Engine
+from arq.models import build
+from arq.smoothing import Smooth
+from arq.train import augment
 
 
 def main() -> None:

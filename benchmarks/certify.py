@@ -1,6 +1,6 @@
 """Certification speed, in two parts, each against a reference run in the same process on the same device.
 
-``engine``: noisy samples/s of our sampling engine (arq.smoothing.Smooth over Engine.prepare) against the plain
+``engine``: noisy samples/s of our sampling engine (arq.smoothing.Smooth over arq.engine.Engine.prepare) against the plain
 Cohen-style loop (float32, NCHW, batch 1,000, fresh noise per batch, counts on the host), for the engine's
 layouts, batch sizes and the explicit faster-numerics options. For those options it also counts how many
 noisy samples the executed network classifies differently from the eager float32 one (on identical noise):
@@ -30,15 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference import plain_counts, synchronize, timed
 
 from arq import data as data_mod
 from arq import irs, models, policy
+from arq.certify import image_generator
 from arq.config import load as load_config
+from arq.data import balanced_positions, to_unit
+from arq.engine import Engine
 from arq.io import git_commit
-from arq.data import balanced_positions
-from arq.smoothing import Engine, Smooth, image_generator, to_unit
+from arq.smoothing import Smooth
 from arq.train import quantize_for_finetune
-from reference import plain_counts, synchronize, timed
 
 
 def _device_name(dev: torch.device, threads: int) -> str:

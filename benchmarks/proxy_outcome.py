@@ -43,12 +43,14 @@ import torch
 from scipy.stats import spearmanr
 
 from arq import cost, irs, models, policy, rng, train
-from arq.config import config_hash, load as load_config
-from arq.data import Split, balanced_positions, load_prepared
+from arq.config import config_hash
+from arq.config import load as load_config
+from arq.data import Split, balanced_positions, load_prepared, to_unit
+from arq.engine import Engine
 from arq.io import device_name, git_commit, sha256_file, write_json, write_text
 from arq.search.constraint import enforce_budget
 from arq.search.evaluate import EpisodeEvaluator
-from arq.smoothing import Engine, Smooth, to_unit
+from arq.smoothing import Smooth
 
 # name → (overlay on search.finetune, overlay on search, overlay on irs, reward kind). "today" is the profile as is.
 PROXIES = {

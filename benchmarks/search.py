@@ -29,11 +29,11 @@ from scipy.stats import spearmanr
 
 from arq import cost, irs, models, policy
 from arq.config import load as load_config
-from arq.data import Split, balanced_positions, load_prepared
+from arq.data import Split, balanced_positions, load_prepared, to_unit
+from arq.engine import Engine
 from arq.io import device_name, git_commit
 from arq.search.constraint import enforce_budget
 from arq.search.evaluate import EpisodeEvaluator, cohen_acr
-from arq.smoothing import Engine, to_unit
 from arq.train import first_images
 
 

@@ -1,4 +1,4 @@
-"""The certification engine (arq.smoothing.Engine): layouts and faster numerics, and what they do to results."""
+"""The certification engine (arq.engine.Engine): layouts and faster numerics, and what they do to results."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,8 @@ from torch import nn
 
 from arq import config as config_mod
 from arq import irs, models, quant
-from arq.smoothing import Engine, Executed, Smooth
+from arq.engine import Engine, Executed
+from arq.smoothing import Smooth
 
 SIGMA = 0.25
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Summaries, tables and figures (arq/report/) and resumable dataset certification (arq/smoothing.py)."""
+"""Summaries, tables and figures (arq/report/) and resumable dataset certification (arq/certify.py, arq/records.py)."""
 from __future__ import annotations
 
 import json
@@ -12,18 +12,10 @@ import torch
 from torch import nn
 
 from arq import models, report
+from arq.certify import certify_dataset, run_certify
 from arq.data import CLASSES, Prepared, Split
-from arq.smoothing import (
-    TSV_COLUMNS,
-    Certificate,
-    Smooth,
-    certify_dataset,
-    format_bound,
-    max_radius,
-    read_tsv,
-    run_certify,
-    summarize,
-)
+from arq.records import TSV_COLUMNS, format_bound, read_tsv, summarize
+from arq.smoothing import Certificate, Smooth, max_radius
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
 
@@ -489,8 +481,8 @@ def test_run_certify_writes_what_the_report_reads(tmp_path, smoke_config):
     cfg["certify"].update(n0=4, n=16, batch_size=20, max_images=5)
     cfg["report"]["radii"] = RADII
     out = tmp_path / "c" / "fp32_sigma0.25.tsv"
-    summary = run_certify(cfg, model_path, data, out, tmp_path / "c" / "fp32_sigma0.25.json", torch.device("cpu"),
-                          "fp32", 0.25)
+    summary = run_certify(cfg, 0.25, "fp32", model_path, data, out, tmp_path / "c" / "fp32_sigma0.25.json",
+                          torch.device("cpu"))
     on_disk = json.loads((tmp_path / "c" / "fp32_sigma0.25.json").read_text())
     assert on_disk == summary
     synthetic = json.loads(_write_summary(tmp_path / "s.json", 0.25, ROWS_025).read_text())
@@ -523,7 +515,7 @@ def test_smoothing_stages_add_noise_to_pixels_in_unit_range(tmp_path, smoke_conf
                                                            tiny_source):
     """Training adds noise to pixels in [0,1] (train.augment / noisy_accuracy divide by 255); CERTIFY and
     PREDICT, fed what prepare + load_prepared produce, must smooth the same input, not 0..255 pixel values."""
-    from arq import smoothing
+    from arq import certify
     from arq.data import load_prepared, prepare
 
     cfg = smoke_config
@@ -536,10 +528,10 @@ def test_smoothing_stages_add_noise_to_pixels_in_unit_range(tmp_path, smoke_conf
     model_path.write_bytes(b"stand-in")  # hashed for the resume fingerprint only
     cfg["certify"].update(n0=4, n=16, batch_size=20, max_images=3)
     if stage == "certify":
-        smoothing.run_certify(cfg, model_path, data, tmp_path / "c.tsv", tmp_path / "c.json", torch.device("cpu"),
-                              "fp32", 0.25)
+        certify.run_certify(cfg, 0.25, "fp32", model_path, data, tmp_path / "c.tsv", tmp_path / "c.json",
+                            torch.device("cpu"))
     else:
-        smoothing.run_predict(cfg, model_path, data, tmp_path / "p.tsv", 16, 0.001, torch.device("cpu"), "fp32", 0.25)
+        certify.run_predict(cfg, 0.25, "fp32", model_path, data, tmp_path / "p.tsv", 16, 0.001, torch.device("cpu"))
     assert spy.max_abs > 0.5  # it saw the images
     # pixels in [0,1] plus N(0, 0.25²) noise stay far below 1 + 8σ = 3 for 3×16×3072 draws
     assert spy.max_abs < 3.0, f"the base classifier saw inputs up to {spy.max_abs:.1f}: pixels were not scaled to [0,1]"
@@ -560,8 +552,8 @@ def test_certify_refuses_a_checkpoint_for_another_sigma_method_or_profile(tmp_pa
     models.save_checkpoint(model_path, models.build("resnet20"), "resnet20", sigma=sigma, method=method,
                            profile=profile)
     with pytest.raises(models.CheckpointError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
-        run_certify(cfg, model_path, _prepared_like_load_prepared(), tmp_path / "c.tsv", tmp_path / "c.json",
-                    torch.device("cpu"), "fp32", 0.25)
+        run_certify(cfg, 0.25, "fp32", model_path, _prepared_like_load_prepared(), tmp_path / "c.tsv",
+                    tmp_path / "c.json", torch.device("cpu"))
     assert not (tmp_path / "c.tsv").exists() and not (tmp_path / "c.json").exists()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arq import irs, rng, smoothing, train
+from arq import certify, irs, rng, train
 
 
 def _stage_seeds(cfg: dict) -> dict[str, int]:
@@ -36,8 +36,8 @@ def test_equal_seeds_no_longer_share_noise(smoke_config):
     test image k (seed·1,000,003 + k): with every seed 0 the first draws now differ."""
     cpu = torch.device("cpu")
     draws = {
-        "certify image 0": smoothing.image_generator(0, 0, cpu),
-        "predict image 0": smoothing.image_generator(0, 0, cpu, "predict"),
+        "certify image 0": certify.image_generator(0, 0, cpu),
+        "predict image 0": certify.image_generator(0, 0, cpu, "predict"),
         "calibration": rng.generator("calibrate", 0),
         "train epoch 0": train.epoch_generator("train", 0, 0, cpu),
         "finetune epoch 0": train.epoch_generator("finetune", 0, 0, cpu),

@@ -249,7 +249,7 @@ def search_setup(tmp_path, smoke_config, tiny_data, single_thread):
     data = Prepared(train=tiny_data.train, val=tiny_data.val, cert=Split(Forbidden(), Forbidden()),
                     cert_idx=Forbidden(), manifest={"file_sha256": "ab" * 32, "classes": list(range(10))})
     cache_path = tmp_path / "cache.pt"
-    irs.run_cache(cfg, model_path, data, cache_path, tmp_path / "cache.json", torch.device("cpu"), 0.25,
+    irs.run_cache(cfg, 0.25, model_path, data, cache_path, tmp_path / "cache.json", torch.device("cpu"),
                   log=lambda s: None)
     return cfg, model_path, data, cache_path
 

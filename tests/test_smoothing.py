@@ -1,4 +1,4 @@
-"""Randomized-smoothing statistics and the PREDICT / CERTIFY logic of arq/smoothing.py."""
+"""Randomized-smoothing statistics and the PREDICT / CERTIFY logic of arq/smoothing.py and arq/certify.py."""
 from __future__ import annotations
 
 import pytest
@@ -7,15 +7,8 @@ from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
-from arq.smoothing import (
-    ABSTAIN,
-    Smooth,
-    certified_radius,
-    lower_confidence_bound,
-    max_radius,
-    subset_positions,
-    upper_confidence_bound,
-)
+from arq.certify import subset_positions
+from arq.smoothing import ABSTAIN, Smooth, certified_radius, lower_confidence_bound, max_radius, upper_confidence_bound
 
 
 class ConstantClassifier(nn.Module):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from arq import models
+from arq.certify import run_certify
 from arq.data import CLASSES, Prepared, Split
-from arq.smoothing import run_certify
 from arq.sweep import Point, point_config, point_model, points, run_sweep
 from arq.train import finetune
 
@@ -60,7 +60,7 @@ def test_a_sweep_point_is_exactly_a_single_run_of_its_settings(tmp_path, cfg, da
 
     base = _base(tmp_path / "base.pt")
     cfg["sweep"].update(ptq=[3] if point.mode == "ptq" else [], weight_only=[], qat=[4] if point.mode == "qat" else [])
-    rows = run_sweep(cfg, "fp32", 0.25, base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "points",
+    rows = run_sweep(cfg, 0.25, "fp32", base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "points",
                      torch.device("cpu"), log=lambda *_: None)
     # the same settings, run as the pipeline's own stages
     single = point_config(cfg, point)
@@ -68,8 +68,8 @@ def test_a_sweep_point_is_exactly_a_single_run_of_its_settings(tmp_path, cfg, da
     ft = finetune(single, 0.25, base, policy.uniform_policy(single, point.tag), data, tmp_path / "m.pt",
                   tmp_path / "r.pt", tmp_path / "f.csv", tmp_path / "f.json", torch.device("cpu"), method,
                   log=lambda *_: None)
-    cert = run_certify(single, tmp_path / "m.pt", data, tmp_path / "c.tsv", tmp_path / "c.json", torch.device("cpu"),
-                       method, 0.25, log=lambda *_: None)
+    cert = run_certify(single, 0.25, method, tmp_path / "m.pt", data, tmp_path / "c.tsv", tmp_path / "c.json",
+                       torch.device("cpu"), log=lambda *_: None)
     assert len(rows) == 1
     row = rows[0]
     assert row["noisy_val_acc"] == ft["final_noisy_val_acc"]
@@ -88,16 +88,16 @@ def test_a_resumed_sweep_reads_certified_points_back_and_redoes_changed_ones(tmp
     base = _base(tmp_path / "base.pt")
     cfg["sweep"].update(ptq=[8, 3], weight_only=[], qat=[])
     said = []
-    first = run_sweep(cfg, "fp32", 0.25, base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
+    first = run_sweep(cfg, 0.25, "fp32", base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
                       torch.device("cpu"), log=said.append)
     said.clear()
-    again = run_sweep(cfg, "fp32", 0.25, base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
+    again = run_sweep(cfg, 0.25, "fp32", base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
                       torch.device("cpu"), log=said.append)
     assert [r["acr"] for r in again] == [r["acr"] for r in first]
     assert sum("read back" in s for s in said) == 2
     said.clear()
     cfg["sweep"]["n"] = 32  # other settings: every point is certified again
-    run_sweep(cfg, "fp32", 0.25, base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
+    run_sweep(cfg, 0.25, "fp32", base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
               torch.device("cpu"), log=said.append)
     assert not any("read back" in s for s in said)
     assert json.loads((tmp_path / "p" / "ptq_w8a8" / "certify.json").read_text())["n"] == 32
@@ -106,7 +106,7 @@ def test_a_resumed_sweep_reads_certified_points_back_and_redoes_changed_ones(tmp
 def test_a_sweep_refuses_a_base_of_another_variant(tmp_path, cfg, data):
     base = _base(tmp_path / "base.pt", method="fp32")
     with pytest.raises(models.CheckpointError, match="but this stage is for 'fp32_satnl'"):
-        run_sweep(cfg, "fp32_satnl", 0.25, base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
+        run_sweep(cfg, 0.25, "fp32_satnl", base, data, tmp_path / "s.csv", tmp_path / "s.json", tmp_path / "p",
                   torch.device("cpu"), log=lambda *_: None)
     assert not (tmp_path / "p").exists()
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from arq.layout import parse, policy_name
-from arq.smoothing import ABSTAIN, read_tsv
+from arq.records import read_tsv
+from arq.smoothing import ABSTAIN
 
 FAMILIES = {"fp32": "FP32", "uniform": "Uniform", "hawq": "HAWQ-V3", "haq": "HAQ", "random": "Random search",
             "arq": "ARQ"}
@@ -192,7 +193,7 @@ def inconsistencies(summary_path: str | Path, tsv_path: str | Path, tolerance: f
     an abstention with a radius or counted correct) and against its summary JSON (image count, clean and
     certified accuracies, ACR, abstain rate recomputed from the rows); each problem names the file. Empty:
     consistent."""
-    from arq.smoothing import summarize
+    from arq.records import summarize
 
     problems = []
     rows = read_tsv(tsv_path)

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from arq import quant, rng
-from arq.data import Split
+from arq.certify import image_generator
+from arq.data import Split, to_unit
+from arq.engine import Engine
 from arq.irs import Cache, acr, cached_acr, certify_incremental
-from arq.smoothing import Engine, Smooth, image_generator, to_unit
+from arq.smoothing import Smooth
 from arq.train import calibration_batches, qat_steps, reestimate_bn
 
 
