@@ -1,0 +1,143 @@
+"""The streamed ImageFolder reader (arq/imagefolder.py) on generated trees."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from arq import imagefolder
+from arq.data import DataError
+
+CLASSES = ("n01", "n02", "n03")
+
+
+def _config(root, **over):
+    d = {"source": "imagefolder", "path": str(root), "content_sha256": False, "search_per_class": 2,
+         "split_seed": 7, "cert_skip": 2, "image_size": 16, "workers": 0, **over}
+    return {"profile": "test", "data": d}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return imagefolder.write_tree(tmp_path / "tree", CLASSES, {"train": 6, "val": 4}, size=20)
+
+
+def _prepare(tmp_path, root, **over):
+    out = tmp_path / "prep"
+    imagefolder.prepare(_config(root, **over), out / "listing.tsv.gz", out / "manifest.json", log=lambda *_: None)
+    return out / "listing.tsv.gz", out / "manifest.json"
+
+
+def test_scan_lists_every_image_in_class_then_file_name_order(tree):
+    t = imagefolder.scan(tree)
+    assert t.classes == CLASSES
+    assert [len(t.files[s]) for s in ("train", "val")] == [18, 12]
+    for split in ("train", "val"):
+        paths = [e.path for e in t.files[split]]
+        assert paths == sorted(paths)  # class folders and file names sort the same way here
+        assert [e.label for e in t.files[split]] == sorted(e.label for e in t.files[split])
+        assert all(e.size == (tree / e.path).stat().st_size for e in t.files[split])
+        assert all(e.sha256 == "" for e in t.files[split])
+    hashed = imagefolder.scan(tree, content_sha256=True, log=lambda *_: None)
+    assert all(len(e.sha256) == 64 for e in hashed.files["val"])
+
+
+def test_splits_are_disjoint_balanced_and_deterministic(tmp_path, tree):
+    data = imagefolder.load(*_prepare(tmp_path, tree))
+    again = imagefolder.load(*_prepare(tmp_path / "again", tree))
+    train = {e.path for e in data.train.entries}
+    search = {e.path for e in data.val.entries}
+    assert not train & search and len(train | search) == 18
+    assert all("/train/" in f"/{p}" for p in search)  # the search never sees the val folder
+    assert data.val.y.bincount().tolist() == [2, 2, 2]
+    assert [e.path for e in again.val.entries] == [e.path for e in data.val.entries]
+    other_seed = imagefolder.load(*_prepare(tmp_path / "seed", tree, split_seed=8))
+    assert {e.path for e in other_seed.val.entries} != search  # the seed decides (3 classes, C(6,2)³ choices)
+
+
+def test_certification_subset_is_every_kth_val_image_in_canonical_order(tmp_path, tree):
+    data = imagefolder.load(*_prepare(tmp_path, tree))
+    val = imagefolder.scan(tree).files["val"]
+    assert data.cert_idx.tolist() == list(range(0, 12, 2))
+    assert [e.path for e in data.cert.entries] == [val[i].path for i in range(0, 12, 2)]
+    manifest = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert manifest["sizes"] == {"train": 12, "val": 6, "test": 12, "cert": 6}
+    assert "every 2-th val image" in manifest["cert_rule"]
+
+
+def test_images_come_out_as_uint8_crops_of_the_configured_size(tmp_path, tree):
+    data = imagefolder.load(*_prepare(tmp_path, tree))
+    one = data.cert.x[0]
+    assert one.dtype == torch.uint8 and one.shape == (3, 16, 16)
+    assert data.cert.x[:3].shape == (3, 3, 16, 16)
+    assert torch.equal(data.cert.x[torch.tensor([0, 2])][1], data.cert.x[2])  # evaluation is deterministic
+    x, y = next(iter(data.train.loader(4, train=True, seed=0)))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
+
+
+def test_training_batches_repeat_with_the_seed_and_change_without_it(tmp_path, tree):
+    data = imagefolder.load(*_prepare(tmp_path, tree), workers=1)
+
+    def first(seed):
+        x, y = next(iter(data.train.loader(6, train=True, seed=seed)))
+        return x, y
+
+    a, b, c = first(3), first(3), first(4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_a_class_missing_from_val_is_named(tmp_path, tree):
+    shutil.rmtree(tree / "val" / "n02")
+    with pytest.raises(DataError, match=r"val/n02 is missing"):
+        imagefolder.scan(tree)
+
+
+def test_a_class_without_images_is_named(tmp_path, tree):
+    for f in (tree / "train" / "n03").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"train/n03 holds no images"):
+        imagefolder.scan(tree)
+
+
+def test_a_corrupt_jpeg_is_named_in_the_main_process_and_from_a_worker(tmp_path, tree):
+    listing, manifest = _prepare(tmp_path, tree)
+    data = imagefolder.load(listing, manifest, workers=1)
+    victim = tree / data.cert.entries[1].path
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: only decoding can tell
+    with pytest.raises(DataError, match=f"{victim.name} is not a readable image"):
+        data.cert.x[1]
+    with pytest.raises(Exception, match=victim.name):
+        list(data.cert.loader(2, train=False))
+
+
+def test_a_file_changed_since_prepare_is_named(tmp_path, tree):
+    data = imagefolder.load(*_prepare(tmp_path, tree))
+    victim = tree / data.val.entries[0].path
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"{victim.name} has .* bytes.*changed"):
+        data.val.x[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=f"{victim.name} is missing"):
+        data.val.x[0]
+
+
+def test_a_tampered_listing_is_refused(tmp_path, tree):
+    listing, manifest = _prepare(tmp_path, tree)
+    listing.write_bytes(listing.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="does not match its manifest"):
+        imagefolder.load(listing, manifest)
+
+
+def test_the_listing_is_byte_identical_across_runs(tmp_path, tree):
+    a, _ = _prepare(tmp_path / "a", tree)
+    b, _ = _prepare(tmp_path / "b", tree)
+    assert a.read_bytes() == b.read_bytes()
+    assert imagefolder.is_listing(tmp_path / "a" / "prep" / "manifest.json")
+
+
+def test_a_search_split_that_leaves_nothing_to_train_on_is_refused(tmp_path, tree):
+    with pytest.raises(DataError, match="must leave some to train on"):
+        _prepare(tmp_path, tree, search_per_class=6)
