@@ -337,7 +337,7 @@ def balanced(split: Split, k: int | None, skip: int = 0) -> Split:
     if k is None:
         return split
     pos = balanced_positions(split.y, k, skip)
-    return Split(split.x[pos], split.y[pos])
+    return split.subset(pos.tolist()) if getattr(split, "streamed", False) else Split(split.x[pos], split.y[pos])
 
 
 def cert_indices(n_test: int, skip: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ The tree is ``<root>/train/<class>/<image>`` and ``<root>/val/<class>/<image>``,
 
 - the *search split* (what searches, the IRS cache and per-epoch validation score on; the ``val`` of a
   ``Prepared``): ``search_per_class`` training images per class, drawn by a seeded permutation within each class;
-  the remaining training images are the training split. The val folder is never seen by a search;
+  the remaining training images are the training split, kept in a seeded random order (like CIFAR-10's) so
+  that its first k images are a random subset. The val folder is never seen by a search;
 - the *certification subset*: every ``cert_skip``-th val image in canonical order (Cohen et al.'s ImageNet
   protocol: skip 100 → 500 of the 50,000 val images).
 
@@ -267,6 +268,7 @@ class FolderSplit:
     size: int
     workers: int = 0
     y: torch.Tensor = field(init=False, repr=False, compare=False)
+    streamed = True  # a class attribute: what arq.train and arq.data ask before indexing ``x`` in bulk
 
     def __post_init__(self):
         object.__setattr__(self, "y", torch.tensor([e.label for e in self.entries], dtype=torch.int64))
@@ -323,7 +325,10 @@ def load(listing_file: str | Path, manifest_file: str | Path, workers: int | Non
     search = set(manifest["search_idx"])
     cert_idx = cert_positions(len(files["val"]), d["cert_skip"])
     val_split = FolderSplit(root, files["val"], size, train.workers)
-    return Prepared(train=train.subset(i for i in range(len(train)) if i not in search),
+    # the train split in a seeded random order (like CIFAR-10's), so its first k images are a random subset
+    rest = torch.tensor([i for i in range(len(train)) if i not in search], dtype=torch.int64)
+    order = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(d["split_seed"]))]
+    return Prepared(train=train.subset(order.tolist()),
                     val=train.subset(sorted(search)), cert=val_split.subset(cert_idx.tolist()), cert_idx=cert_idx,
                     manifest=manifest)
 

@@ -52,12 +52,43 @@ def noisy_accuracy(model: nn.Module, split: Split, sigma: float, batch_size: int
     was_training = model.training
     model.eval()
     correct = 0
-    for i in range(0, len(split), batch_size):
-        x = split.x[i:i + batch_size].float().div_(255)
+    for x, y in _eval_batches(split, batch_size, gen.device):
         x = x + sigma * torch.randn(x.shape, generator=gen, device=x.device)
-        correct += (model(x).argmax(1) == split.y[i:i + batch_size]).sum().item()
+        correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / len(split)
+
+
+def streamed(split) -> bool:
+    """Whether a split is read from disk as it goes (arq.imagefolder) rather than held as one tensor."""
+    return getattr(split, "streamed", False)
+
+
+def _eval_batches(split, batch_size: int, device: torch.device):
+    """(images in [0,1], labels) in order, on ``device``."""
+    if streamed(split):
+        for x, y in split.loader(batch_size, train=False):
+            yield x.to(device, non_blocking=True).float().div_(255), y.to(device, non_blocking=True)
+        return
+    for i in range(0, len(split), batch_size):
+        yield split.x[i:i + batch_size].float().div_(255), split.y[i:i + batch_size]
+
+
+def _train_batches(split, batch_size: int, gen: torch.Generator, device: torch.device):
+    """One epoch of augmented (images in [0,1], labels) on ``device``, in an order drawn from ``gen``.
+
+    An in-memory split is permuted, cropped with padding and flipped on the device (CIFAR's augmentation); a
+    streamed one is shuffled and augmented (random-resized crop, flip) by its DataLoader's workers, seeded from
+    ``gen`` so an epoch's batches repeat."""
+    if streamed(split):
+        seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device).item())
+        for x, y in split.loader(batch_size, train=True, seed=seed):
+            yield x.to(device, non_blocking=True).float().div_(255), y.to(device, non_blocking=True)
+        return
+    perm = torch.randperm(len(split), generator=gen, device=device)
+    for i in range(0, len(split), batch_size):
+        idx = perm[i:i + batch_size]
+        yield augment(split.x[idx], gen), split.y[idx]
 
 
 def _train_fingerprint(config: dict, sigma: float, data_sha: str, base: str = "fp32") -> dict:
@@ -70,12 +101,16 @@ def _train_fingerprint(config: dict, sigma: float, data_sha: str, base: str = "f
 
 
 def _to_device(split: Split, device: torch.device) -> Split:
-    return Split(split.x.to(device), split.y.to(device))
+    """An in-memory split moved to ``device``; a streamed one stays where it is (its batches move)."""
+    return split if streamed(split) else Split(split.x.to(device), split.y.to(device))
 
 
 def first_images(split: Split, k: int | None) -> Split:
-    """The first ``k`` images of a split (all of them when k is None)."""
-    return split if k is None else Split(split.x[:k], split.y[:k])
+    """The first ``k`` images of a split (all of them when k is None); the train splits are kept in a seeded
+    random order, so these are a random subset."""
+    if k is None:
+        return split
+    return split.subset(range(min(k, len(split)))) if streamed(split) else Split(split.x[:k], split.y[:k])
 
 
 def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sched, device: torch.device,
@@ -119,17 +154,13 @@ def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Spli
         model.train()
         gen = epoch_generator(stream, seed, epoch, device)
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         penalty_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            x = augment(train_split.x[idx], gen)
+        for x, y in _train_batches(train_split, bs, gen, device):
             x = x + sigma * torch.randn(x.shape, generator=gen, device=device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = train_split.y[idx]
             if objective is None:
                 out = model(x)
                 loss = F.cross_entropy(out, y)
@@ -138,8 +169,8 @@ def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Spli
                 opt.step()
             else:
                 out, loss, penalty = objective.step(model, params, opt, x, y)
-                penalty_sum += penalty * len(idx)
-            loss_sum += loss.detach() * len(idx)
+                penalty_sum += penalty * len(y)
+            loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
         lr = opt.param_groups[0]["lr"]
         sched.step()

@@ -141,3 +141,27 @@ def test_the_listing_is_byte_identical_across_runs(tmp_path, tree):
 def test_a_search_split_that_leaves_nothing_to_train_on_is_refused(tmp_path, tree):
     with pytest.raises(DataError, match="must leave some to train on"):
         _prepare(tmp_path, tree, search_per_class=6)
+
+
+def test_the_shared_training_loop_streams_a_folder_split_reproducibly(tmp_path, tree):
+    from arq import models
+    from arq.data import balanced
+    from arq.train import first_images, noisy_accuracy, run_epochs
+
+    data = imagefolder.load(*_prepare(tmp_path, tree))
+    assert len(first_images(data.train, 5)) == 5 and first_images(data.train, 5).streamed
+    assert balanced(data.val, 3).y.tolist() == [0, 1, 2] and balanced(data.val, 3).streamed
+
+    def run():
+        torch.manual_seed(0)
+        model = models.ResNetCifar(20, len(CLASSES))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+        history = run_epochs(model, opt, sched, data.train, data.val, 0.25, "train", 0, 2, 4, torch.device("cpu"),
+                             log=lambda *_: None)
+        return history, model
+
+    (h1, m1), (h2, _) = run(), run()
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2] and len(h1) == 2
+    acc = noisy_accuracy(m1, data.cert, 0.25, 4, torch.Generator().manual_seed(0))
+    assert 0.0 <= acc <= 1.0
