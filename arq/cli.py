@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a complete profile YAML")
     p.add_argument("overlays", nargs="*", help="partial YAMLs applied on top, key by key, in order")
 
-    p = sub.add_parser("prepare", help="verify CIFAR-10 and write the prepared tensor file + manifest")
+    p = sub.add_parser("prepare", help="verify CIFAR-10 and write the prepared tensor file + manifest (or list an "
+                                       "ImageFolder tree: its listing + manifest)")
     _common(p, data=False)
-    p.add_argument("--out", required=True, help="prepared tensor file (uint8 images, labels, splits)")
+    p.add_argument("--out", required=True,
+                   help="prepared tensor file (uint8 images, labels, splits), or an ImageFolder tree's listing")
     p.add_argument("--manifest-out", required=True,
                    help="manifest JSON: source, what was verified against what, split rule, seed")
 
@@ -239,9 +241,14 @@ def _check_config(args, config: dict) -> None:
 
 
 def _prepare(args, config: dict) -> None:
-    from arq.data import prepare
+    if config["data"]["source"] == "imagefolder":
+        from arq.imagefolder import prepare
 
-    m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2, log=_log)
+        m = prepare(config, args.out, args.manifest_out, log=_log)
+    else:
+        from arq.data import prepare
+
+        m = prepare(config, args.out, args.manifest_out, threads=args.threads or 2, log=_log)
     print(f"prepared {m['sizes']} from {m['source']['path']} → {args.out}")
 
 

@@ -212,6 +212,11 @@ def source_inputs(d: dict) -> list[str]:
     """The files a prepare run will read, so that Snakemake can refuse a missing source before it schedules the
     job (and deletes the job's previous outputs). Empty for a torchvision source that may download."""
     path = Path(d["path"])
+    if d["source"] == "imagefolder":
+        if not (path / "train").is_dir() or not (path / "val").is_dir():
+            raise DataError(f"ImageFolder tree not found: {path} must hold train/<class>/ and val/<class>/ (config "
+                            f"data.path); ImageNet is never downloaded")
+        return [str(path)]
     if d["source"] == "torchvision":
         if d["download"]:
             return []
@@ -235,6 +240,10 @@ def source_inputs(d: dict) -> list[str]:
 def verify_source(d: dict) -> dict:
     """Verify a source's checksums without decoding it (seconds): what prepare would refuse, refused first."""
     path = Path(d["path"])
+    if d["source"] == "imagefolder":
+        source_inputs(d)
+        return {"verified": False, "verification": "listed (sizes, and sha256 if data.content_sha256) by the prepare "
+                                                   "job"}
     if d["source"] == "torchvision":
         if d["download"]:
             return {"verified": False, "verification": "downloaded (and md5-checked) by the prepare job"}
@@ -400,6 +409,10 @@ def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest_file} is not a readable manifest ({exc}); delete it and {data_file} and run "
                         "prepare again") from exc
+    if manifest.get("source", {}).get("kind") == "imagefolder":  # a listing of a streamed tree, not tensors
+        from arq import imagefolder
+
+        return imagefolder.load(data_file, manifest_file)
     if sha256_file(data_file) != expected:
         raise DataError(f"{data_file} does not match its manifest {manifest_file} (corrupt or replaced); "
                         f"delete both and run prepare again")

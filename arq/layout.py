@@ -82,8 +82,9 @@ def prepared_dir(config: dict) -> str:
 
 
 def prepared_data(config: dict) -> str:
-    """The prepared dataset's tensor file (its manifest lies beside it)."""
-    return f"{prepared_dir(config)}/cifar10.pt"
+    """The prepared dataset's tensor file, or a streamed tree's listing (its manifest lies beside it)."""
+    name = "listing.tsv.gz" if config["data"]["source"] == "imagefolder" else "cifar10.pt"
+    return f"{prepared_dir(config)}/{name}"
 
 
 def report_dir(config: dict) -> str:

@@ -93,17 +93,19 @@ class Normalized(nn.Module):
         return self.net(self.normalize(x))
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(name: str, num_classes: int) -> nn.Module:
     import torchvision
 
-    return Normalized(getattr(torchvision.models, name)(weights=None, num_classes=1000), IMAGENET_MEAN, IMAGENET_STD)
+    return Normalized(getattr(torchvision.models, name)(weights=None, num_classes=num_classes), IMAGENET_MEAN,
+                      IMAGENET_STD)
 
 
 ARCHITECTURES = {
-    "resnet20": lambda: ResNetCifar(20, 10),
-    "resnet50": lambda: _torchvision("resnet50"),
-    "mobilenet_v2": lambda: _torchvision("mobilenet_v2"),
+    "resnet20": lambda k: ResNetCifar(20, k),
+    "resnet50": lambda k: _torchvision("resnet50", k),
+    "mobilenet_v2": lambda k: _torchvision("mobilenet_v2", k),
 }
+NUM_CLASSES = {"resnet20": 10, "resnet50": 1000, "mobilenet_v2": 1000}  # the datasets each was made for
 INPUT_SHAPES = {"resnet20": (3, 32, 32), "resnet50": (3, 224, 224), "mobilenet_v2": (3, 224, 224)}
 
 
@@ -111,15 +113,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or made for another architecture."""
 
 
-def build(arch: str) -> nn.Module:
+def build(arch: str, num_classes: int | None = None) -> nn.Module:
+    """The network ``arch`` with ``num_classes`` outputs (default: its dataset's: CIFAR-10's 10, ImageNet's 1000; a
+    user's ImageFolder tree gives its own class count)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]()
+    return ARCHITECTURES[arch](num_classes or NUM_CLASSES[arch])
+
+
+def num_classes(model: nn.Module) -> int:
+    """Outputs of a network: the size of its last linear layer."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, **meta) -> None:
-    """Write model weights with the metadata needed to trace and safely reload them (atomic)."""
-    torch_save({"arch": arch, "state_dict": model.state_dict(), **meta}, path)
+    """Write model weights with the metadata needed to trace and safely reload them (atomic); the class count is
+    recorded where it differs from the architecture's default."""
+    k = num_classes(model)
+    extra = {"num_classes": k} if k != NUM_CLASSES[arch] else {}
+    torch_save({"arch": arch, "state_dict": model.state_dict(), **extra, **meta}, path)
 
 
 def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu") -> tuple[nn.Module, dict]:
@@ -136,7 +148,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, map_location="cpu
     if arch is not None and ckpt["arch"] != arch:
         raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, but {arch!r} was expected")
     try:
-        model = build(ckpt["arch"])
+        model = build(ckpt["arch"], ckpt.get("num_classes"))
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     if "policy" in ckpt:  # a quantized model: recreate its quantized layers before loading their state

@@ -208,7 +208,7 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     tc = config["train"]
     start = time.perf_counter()
     torch.manual_seed(tc["seed"])  # model initialisation: the same for every variant
-    model = models.build(config["model"]["arch"]).to(device)
+    model = models.build(config["model"]["arch"], len(data.manifest["classes"])).to(device)
     objective = variants.objective(config, base)
     if objective is not None:
         objective.prepare(model)

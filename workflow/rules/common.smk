@@ -107,14 +107,14 @@ LOGGED = (' 2>&1 | {{ echo "=== attempt started $(date -u +%Y-%m-%dT%H:%M:%SZ) =
 
 
 def check_source():
-    """Refuse, while the workflow is parsed, a CIFAR-10 source that prepare_data would refuse when it runs.
+    """Refuse, while the workflow is parsed, a data source that prepare_data would refuse when it runs.
 
     Snakemake deletes a job's outputs before running it, so a bad source must be caught before prepare_data is
     scheduled, or it costs the good prepared data. (An input function cannot do this: Snakemake takes its
     exception as "no producer" and silently keeps the existing files.) Without prepared data, the source must
     exist; with prepared data made from other data settings, the source's checksums are verified first. With
     prepared data from the same settings the source is not needed at all (e.g. a reviewer after `dvc pull`)."""
-    data_file, manifest = Path(PREPARED) / "cifar10.pt", Path(PREPARED) / "manifest.json"
+    data_file, manifest = Path(layout.prepared_data(config)), Path(PREPARED) / "manifest.json"
     try:
         if not (data_file.exists() and manifest.exists()):
             source_inputs(config["data"])

@@ -1,6 +1,6 @@
 rule prepare_data:
     output:
-        data=f"{PREPARED}/cifar10.pt",
+        data=layout.prepared_data(config),
         manifest=f"{PREPARED}/manifest.json",
     params:
         **RUN,
