@@ -1,7 +1,8 @@
 """Up-front cost estimate of a profile on the current machine, from measured throughput anchors.
 
 Anchors (DESIGN §6, ResNet-20): one H100 trains ~21,700 img/s and infers ~234,000 noisy samples/s in plain
-fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale with the threads used.
+fp32; two CPU cores train ~370 img/s and infer ~900 samples/s. CPU figures scale with the threads used, and
+every rate with the network's MACs per image (``work_per_image``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,40 @@ ANCHORS = {  # images (or noisy samples) per second for ResNet-20
 QUANT_SLOWDOWN = {"train": 1.6, "infer": 1.3}
 
 
+IMAGENET_SIZES = (1_281_167, 50_000)  # ILSVRC-2012 training and validation images
+
+
+def split_sizes(config: dict) -> dict:
+    """Images in the train, val (search) and certification splits: CIFAR-10's; for an ImageFolder tree those of the
+    tree at data.path when it is there (counted by name, not opened), else ImageNet's."""
+    d = config["data"]
+    if d["source"] != "imagefolder":
+        return {"train": 50_000 - d["val_size"], "val": d["val_size"], "cert": -(-10_000 // d["cert_skip"])}
+    from pathlib import Path
+
+    root = Path(d["path"])
+    n_train, n_val, classes = *IMAGENET_SIZES, 1000
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        counts = {split: [sum(1 for f in c.iterdir() if f.is_file()) for c in (root / split).iterdir() if c.is_dir()]
+                  for split in ("train", "val")}
+        n_train, n_val, classes = sum(counts["train"]), sum(counts["val"]), len(counts["train"])
+    search = d["search_per_class"] * classes
+    return {"train": n_train - search, "val": search, "cert": -(-n_val // d["cert_skip"])}
+
+
+def work_per_image(config: dict) -> float:
+    """MACs of one image of the profile's network at its input size, relative to the anchors' ResNet-20 on 32×32
+    CIFAR-10 images (ResNet-50 at 224 pixels: about 100×). An estimate: throughput is taken to scale with MACs,
+    which overrates MobileNetV2's depthwise layers."""
+    from arq import cost, models
+
+    arch = config["model"]["arch"]
+    macs = cost.total_macs(cost.for_arch(arch))
+    if config["data"]["source"] == "imagefolder":
+        macs *= (config["data"]["image_size"] / models.INPUT_SHAPES[arch][-1]) ** 2
+    return macs / cost.total_macs(cost.for_arch("resnet20"))
+
+
 def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     """Seconds for the stages of ``config`` (train, search, finetune, certify, IRS, sweep) on a device type; a search
     episode is priced as calibration + its finetune steps + IRS on the cache's images. Every base variant is
@@ -25,8 +60,9 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     else:
         scale = max(threads, 1) / 2
         rate = {k: v * scale for k, v in ANCHORS["cpu_per_2_threads"].items()}
-    sizes = {"train": 50_000 - config["data"]["val_size"], "val": config["data"]["val_size"],
-             "cert": -(-10_000 // config["data"]["cert_skip"])}
+    scale = work_per_image(config)
+    rate = {k: v / scale for k, v in rate.items()}
+    sizes = split_sizes(config)
     t, f, c = config["train"], config["finetune"], config["certify"]
 
     def count(k, full):

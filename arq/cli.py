@@ -183,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run done in pieces: add/push/pull what is there and list the jobs left, instead of "
                         "refusing an unfinished workflow")
 
+    p = sub.add_parser("sample-tree", help="write a small ImageFolder tree of random images (the imagenet-smoke "
+                                           "profile's data; not ImageNet)")
+    p.add_argument("out", help="the tree's root (train/ and val/ go under it)")
+    p.add_argument("--classes", type=int, default=5, help="number of classes (folders n00000000, n00000001, ...)")
+    p.add_argument("--train", type=int, default=16, help="training images per class")
+    p.add_argument("--val", type=int, default=6, help="val images per class")
+    p.add_argument("--size", type=int, default=40, help="image width in pixels (heights vary a little)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pixels")
+
     p = sub.add_parser("regenerate", help="rebuild a profile's tables and figures from its committed text results")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
     p.add_argument("--check", action="store_true",
@@ -201,7 +210,10 @@ def _cost_table(arch: str, policy_path: str | None) -> str:
     if policy_path:
         import json
 
-        pinned = json.loads(Path(policy_path).read_text()).get("pinned", {}) if Path(policy_path).exists() else {}
+        try:
+            pinned = json.loads(Path(policy_path).read_text()).get("pinned", {}) if Path(policy_path).exists() else {}
+        except (ValueError, AttributeError) as exc:
+            raise SystemExit(f"arq cost: {policy_path} is not a policy JSON ({exc})") from exc
         layers = policy.load(policy_path, policy.Rules(arch, tuple(c.name for c in costs), pinned=pinned),
                              costs)["layers"]
     else:
@@ -408,8 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     from arq.policy import BudgetError, PolicyError
 
     try:
-        if args.command == "cost":  # the one subcommand without a profile
+        if args.command == "cost":  # the subcommands without a profile
             print(_cost_table(args.arch, args.policy))
+            return 0
+        if args.command == "sample-tree":
+            from arq.imagefolder import write_tree
+
+            classes = [f"n{i:08d}" for i in range(args.classes)]
+            root = write_tree(args.out, classes, {"train": args.train, "val": args.val}, args.size, args.seed)
+            print(f"{root}: {args.classes} classes, {args.train} training and {args.val} val images each (random)")
             return 0
         config = cfg.load(args.config, *getattr(args, "overlays", ()))
         if getattr(args, "threads", None):

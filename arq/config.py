@@ -119,6 +119,18 @@ def load(path: str | Path, *overlays: str | Path) -> dict:
     return config
 
 
+def drop_unlisted(merged: dict, profile: dict) -> dict:
+    """Remove, in place, the keys of ``merged`` that ``profile`` lacks, at every level: what Snakemake's merge of the
+    default config/config.yaml under a complete profile added (e.g. CIFAR-10's ``data.val_size`` under an
+    ImageFolder profile). Values stay those of ``merged``, so ``--config`` overrides of listed keys hold."""
+    for key in list(merged):
+        if key not in profile:
+            del merged[key]
+        elif isinstance(merged[key], dict) and isinstance(profile[key], dict):
+            drop_unlisted(merged[key], profile[key])
+    return merged
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of the full configuration (key order does not matter)."""
     canon = json.dumps(config, sort_keys=True, separators=(",", ":"))

@@ -349,6 +349,12 @@ def balanced(split: Split, k: int | None, skip: int = 0) -> Split:
     return split.subset(pos.tolist()) if getattr(split, "streamed", False) else Split(split.x[pos], split.y[pos])
 
 
+def in_memory(split) -> Split:
+    """A split as tensors: a streamed one (arq.imagefolder) decoded through its evaluation transform, an in-memory
+    one as it is. For the few hundred or thousand images a search or a calibration holds on the device."""
+    return Split(split.x[:], split.y) if getattr(split, "streamed", False) else split
+
+
 def cert_indices(n_test: int, skip: int) -> torch.Tensor:
     """Cohen's protocol: every ``skip``-th test image of the canonical order."""
     return torch.arange(0, n_test, skip)

@@ -165,9 +165,12 @@ def arms(config: dict) -> list[str]:
 
 
 def check(config: dict) -> dict:
-    """The cross-checks that need the profile's methods (``config.validate`` has done the rest): every
-    ``robust_base.arms`` entry is a method the profile runs, and there is a robust base to make it from. Raises
-    ConfigError naming the key; returns the config."""
+    """The cross-checks that need more than one key (``config.validate`` has done the rest): a streamed tree's
+    search holds a bounded number of images; every ``robust_base.arms`` entry is a method the profile runs, and
+    there is a robust base to make it from. Raises ConfigError naming the key; returns the config."""
+    if config["data"]["source"] == "imagefolder" and config["search"]["finetune"]["train_images"] is None:
+        raise ConfigError("invalid configuration:\n  search.finetune.train_images: a search holds its training "
+                          "images on the device, and a streamed ImageFolder tree is too large for that; give a number")
     rb = config["robust_base"]
     if not rb["arms"]:
         return config

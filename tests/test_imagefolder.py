@@ -165,3 +165,76 @@ def test_the_shared_training_loop_streams_a_folder_split_reproducibly(tmp_path, 
     assert [r["loss"] for r in h1] == [r["loss"] for r in h2] and len(h1) == 2
     acc = noisy_accuracy(m1, data.cert, 0.25, 4, torch.Generator().manual_seed(0))
     assert 0.0 <= acc <= 1.0
+
+
+# ------------------------------------------------------------------------ the imagenet-smoke profile's plumbing
+
+def test_an_imagefolder_profile_validates_and_refuses_cifar_keys_and_an_unbounded_search(repo_root):
+    from arq import config as cfg
+    from arq import layout
+
+    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    assert profile["data"]["source"] == "imagefolder" and profile["model"]["arch"] == "resnet50"
+    stray = {**profile, "data": {**profile["data"], "val_size": 5000}}
+    with pytest.raises(cfg.ConfigError, match="data: .* should not be valid"):
+        cfg.validate(stray)
+    missing = {**profile, "data": {k: v for k, v in profile["data"].items() if k != "image_size"}}
+    with pytest.raises(cfg.ConfigError, match="'image_size' is a required property"):
+        cfg.validate(missing)
+    unbounded = json.loads(json.dumps(profile))
+    unbounded["search"]["finetune"]["train_images"] = None
+    with pytest.raises(cfg.ConfigError, match="search.finetune.train_images"):
+        layout.check(unbounded)
+    assert layout.prepared_data(profile).endswith("listing.tsv.gz")
+
+
+def test_snakemakes_default_config_keys_are_dropped_under_a_complete_profile(repo_root):
+    from arq import config as cfg
+
+    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    merged = json.loads(json.dumps(cfg.load(repo_root / "config" / "config.yaml")))
+    for key, value in profile.items():  # Snakemake's merge of a --configfile over config/config.yaml
+        if isinstance(value, dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    assert "val_size" in merged["data"]
+    cfg.drop_unlisted(merged, profile)
+    assert merged == profile
+    cifar = cfg.load(repo_root / "config" / "smoke.yaml")
+    assert cfg.drop_unlisted(json.loads(json.dumps(cifar)), cifar) == cifar  # nothing to drop in a CIFAR profile
+
+
+def test_the_cost_estimate_counts_the_tree_and_scales_with_the_network(tmp_path, tree, repo_root):
+    from arq import budget
+    from arq import config as cfg
+
+    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    profile["data"]["path"] = str(tree)
+    profile["data"]["search_per_class"] = 2
+    assert budget.split_sizes(profile) == {"train": 12, "val": 6, "cert": 6}
+    profile["data"]["path"] = str(tmp_path / "absent")
+    assert budget.split_sizes(profile)["cert"] == 25_000  # ImageNet's 50,000 val images, every 2nd
+    profile["data"]["image_size"] = 224
+    assert 90 < budget.work_per_image(profile) < 110  # ResNet-50 at 224 px: ~100× ResNet-20 on CIFAR-10
+    profile["model"]["arch"] = "mobilenet_v2"
+    assert 5 < budget.work_per_image(profile) < 10
+
+
+def test_a_checkpoint_remembers_a_class_count_other_than_its_architectures(tmp_path):
+    from arq import models
+
+    model = models.build("mobilenet_v2", 5)
+    models.save_checkpoint(tmp_path / "m.pt", model, "mobilenet_v2", sigma=0.5)
+    again, meta = models.load_checkpoint(tmp_path / "m.pt", "mobilenet_v2")
+    assert meta["num_classes"] == 5 and models.num_classes(again) == 5
+    models.save_checkpoint(tmp_path / "r.pt", models.build("resnet20"), "resnet20", sigma=0.5)
+    assert "num_classes" not in models.load_checkpoint(tmp_path / "r.pt")[1]  # CIFAR-10 checkpoints as before
+
+
+def test_sample_tree_writes_a_tree_the_reader_accepts(tmp_path):
+    from arq.cli import main
+
+    assert main(["sample-tree", str(tmp_path / "t"), "--classes", "2", "--train", "3", "--val", "2"]) == 0
+    t = imagefolder.scan(tmp_path / "t")
+    assert t.classes == ("n00000000", "n00000001") and len(t.files["train"]) == 6 and len(t.files["val"]) == 4

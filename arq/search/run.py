@@ -23,7 +23,7 @@ from arq import layout, models, policy
 from arq.config import config_hash, search_settings
 from arq.io import origin, provenance, set_aside, sha256_file, torch_save, write_text
 from arq.search.constraint import enforce_budget
-from arq.data import Split, balanced
+from arq.data import Split, balanced, in_memory
 from arq.search.ddpg import DDPG, DDPGSettings, RandomAgent
 from arq.search.env import QuantizationEnv
 from arq.search.evaluate import EpisodeEvaluator
@@ -116,8 +116,10 @@ def run_search(config: dict, sigma: float, method: str, budget: float, seed: int
                                         "noise_scheme": NOISE_SCHEME, "split": "val"})
         val = Split(data.val.x[cache.idx], data.val.y[cache.idx])  # the search scores on val only, never on test
     else:  # HAQ's accuracy reward: its own class-balanced val set
-        val = balanced(data.val, sc["haq_images"])
-    train = first_images(data.train, sc["finetune"]["train_images"])
+        val = in_memory(balanced(data.val, sc["haq_images"]))
+    # an episode's finetune draws random batches from these images, held on the device (a streamed tree's are
+    # decoded once, so search.finetune.train_images must be set for one)
+    train = in_memory(first_images(data.train, sc["finetune"]["train_images"]))
     costs, rules = policy.for_config(config)
     enforce_budget(policy.cheapest_layers(rules), costs, rules, budget)  # an unreachable budget fails before any work
     evaluator = EpisodeEvaluator(fp32, config, sigma, train, val, len(data.manifest["classes"]), device, reward_kind,

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from arq import artifacts, budget, layout
-from arq.config import ConfigError, config_hash, load, search_settings, validate
+from arq.config import ConfigError, config_hash, drop_unlisted, load, search_settings, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
 from arq.variants import settings as variant_settings
@@ -17,7 +17,7 @@ from arq.variants import settings as variant_settings
 # profile alone and the merged result are validated, exactly as `arq check-config PROFILE [OVERLAY...]` does.
 try:
     if workflow.overwrite_configfiles:
-        load(*workflow.overwrite_configfiles)
+        drop_unlisted(config, load(*workflow.overwrite_configfiles))
     layout.check(validate(config))
 except ConfigError as exc:
     raise WorkflowError(str(exc))
