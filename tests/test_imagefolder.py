@@ -233,8 +233,14 @@ def test_a_checkpoint_remembers_a_class_count_other_than_its_architectures(tmp_p
 
 
 def test_sample_tree_writes_a_tree_the_reader_accepts(tmp_path):
+    from documented import run_documented
+
     from arq.cli import main
 
     assert main(["sample-tree", str(tmp_path / "t"), "--classes", "2", "--train", "3", "--val", "2"]) == 0
     t = imagefolder.scan(tmp_path / "t")
     assert t.classes == ("n00000000", "n00000001") and len(t.files["train"]) == 6 and len(t.files["val"]) == 4
+    done = run_documented("arq sample-tree data/imagenet-smoke/tree", tmp_path)  # README's command, as given
+    assert done.returncode == 0, done.stderr
+    t = imagefolder.scan(tmp_path / "data" / "imagenet-smoke" / "tree")
+    assert len(t.classes) == 5 and len(t.files["train"]) == 80 and len(t.files["val"]) == 30
