@@ -403,8 +403,9 @@ def prepare(config: dict, out_file: str | Path, manifest_file: str | Path, threa
     return manifest
 
 
-def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
-    """Load the prepared tensors after checking them against the manifest."""
+def read_manifest(data_file: str | Path, manifest_file: str | Path) -> dict:
+    """The manifest of prepared data, after checking that both files exist and that the data file (the tensors,
+    or a streamed tree's listing) is the one it describes."""
     data_file, manifest_file = Path(data_file), Path(manifest_file)
     for f in (data_file, manifest_file):
         if not f.exists():
@@ -415,13 +416,19 @@ def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest_file} is not a readable manifest ({exc}); delete it and {data_file} and run "
                         "prepare again") from exc
+    if sha256_file(data_file) != expected:
+        raise DataError(f"{data_file} does not match its manifest {manifest_file} (corrupt or replaced); "
+                        f"delete both and run prepare again")
+    return manifest
+
+
+def load_prepared(data_file: str | Path, manifest_file: str | Path) -> Prepared:
+    """Load the prepared tensors after checking them against the manifest (or stream a listed tree)."""
+    manifest = read_manifest(data_file, manifest_file)
     if manifest.get("source", {}).get("kind") == "imagefolder":  # a listing of a streamed tree, not tensors
         from arq import imagefolder
 
         return imagefolder.load(data_file, manifest_file)
-    if sha256_file(data_file) != expected:
-        raise DataError(f"{data_file} does not match its manifest {manifest_file} (corrupt or replaced); "
-                        f"delete both and run prepare again")
     p = torch.load(data_file, weights_only=True)
     tx, ty = p["train_x"], p["train_y"]
     return Prepared(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from arq.data import DataError, Prepared
+from arq.data import DataError, Prepared, read_manifest
 from arq.io import provenance, sha256_file, write_json, write_text
 
 SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -305,19 +304,8 @@ def _seed_worker(worker_id: int) -> None:
 
 def load(listing_file: str | Path, manifest_file: str | Path, workers: int | None = None) -> Prepared:
     """The prepared tree: the listing checked against its manifest, the splits as ``FolderSplit``s."""
-    listing_file, manifest_file = Path(listing_file), Path(manifest_file)
-    for f in (listing_file, manifest_file):
-        if not f.exists():
-            raise DataError(f"prepared data missing: {f}; run `arq prepare` (the prepare_data rule) first")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        expected, d = manifest["file_sha256"], manifest["settings"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{manifest_file} is not a readable manifest ({exc}); delete it and {listing_file} and run "
-                        "prepare again") from exc
-    if sha256_file(listing_file) != expected:
-        raise DataError(f"{listing_file} does not match its manifest {manifest_file} (corrupt or replaced); delete "
-                        f"both and run prepare again")
+    manifest = read_manifest(listing_file, manifest_file)
+    d = manifest["settings"]
     files = read_listing(listing_file, manifest["classes"])
     root, size = Path(d["path"]), d["image_size"]
     train = FolderSplit(root, files["train"], size, d["workers"] if workers is None else workers)
@@ -330,14 +318,6 @@ def load(listing_file: str | Path, manifest_file: str | Path, workers: int | Non
     return Prepared(train=train.subset(order.tolist()),
                     val=train.subset(sorted(search)), cert=val_split.subset(cert_idx.tolist()), cert_idx=cert_idx,
                     manifest=manifest)
-
-
-def is_listing(manifest_file: str | Path) -> bool:
-    """Whether a prepared manifest describes a streamed ImageFolder tree (else the CIFAR-10 tensor file)."""
-    try:
-        return json.loads(Path(manifest_file).read_text()).get("source", {}).get("kind") == "imagefolder"
-    except (OSError, ValueError):
-        return False
 
 
 def write_tree(root: str | Path, classes: Sequence[str], per_class: dict[str, int], size: int = 16,
