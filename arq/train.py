@@ -208,7 +208,8 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     tc = config["train"]
     start = time.perf_counter()
     torch.manual_seed(tc["seed"])  # model initialisation: the same for every variant
-    model = models.build(config["model"]["arch"], len(data.manifest["classes"])).to(device)
+    # the class count of the data (a user's tree); the architecture's default when the manifest lists no classes
+    model = models.build(config["model"]["arch"], len(data.manifest.get("classes", ())) or None).to(device)
     objective = variants.objective(config, base)
     if objective is not None:
         objective.prepare(model)
