@@ -27,11 +27,13 @@ def split_sizes(config: dict) -> dict:
         return {"train": 50_000 - d["val_size"], "val": d["val_size"], "cert": -(-10_000 // d["cert_skip"])}
     from pathlib import Path
 
+    from arq.imagefolder import SUFFIXES
+
     root = Path(d["path"])
     n_train, n_val, classes = *IMAGENET_SIZES, 1000
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        counts = {split: [sum(1 for f in c.iterdir() if f.is_file()) for c in (root / split).iterdir() if c.is_dir()]
-                  for split in ("train", "val")}
+    if (root / "train").is_dir() and (root / "val").is_dir():  # counted as arq.imagefolder.scan counts, unopened
+        counts = {split: [sum(1 for f in c.iterdir() if f.suffix.lower() in SUFFIXES) for c in (root / split).iterdir()
+                          if c.is_dir()] for split in ("train", "val")}
         n_train, n_val, classes = sum(counts["train"]), sum(counts["val"]), len(counts["train"])
     search = d["search_per_class"] * classes
     return {"train": n_train - search, "val": search, "cert": -(-n_val // d["cert_skip"])}

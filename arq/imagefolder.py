@@ -83,7 +83,7 @@ def scan(root: str | Path, content_sha256: bool = False, log: Callable = print) 
     names = tuple(classes["train"])
     if not names:
         raise DataError(f"{root / 'train'} holds no class folders")
-    files, hashed, start = {}, 0, time.perf_counter()
+    files, start = {}, time.perf_counter()
     for split in SPLITS:
         entries = []
         for label, name in enumerate(names):
@@ -94,11 +94,10 @@ def scan(root: str | Path, content_sha256: bool = False, log: Callable = print) 
             for image in images:
                 path = folder / image
                 digest = sha256_file(path) if content_sha256 else ""
-                hashed += bool(content_sha256)
                 entries.append(Entry(f"{split}/{name}/{image}", label, path.stat().st_size, digest))
         files[split] = tuple(entries)
     if content_sha256:
-        log(f"hashed {hashed} images in {time.perf_counter() - start:.1f} s")
+        log(f"hashed {sum(map(len, files.values()))} images in {time.perf_counter() - start:.1f} s")
     return Tree(root, names, files)
 
 
@@ -249,8 +248,8 @@ class Decoded:
 
     def __getitem__(self, index) -> torch.Tensor:
         ds = self.split.dataset(train=False)
-        if isinstance(index, int):
-            return ds[index][0]
+        if isinstance(index, int) or (torch.is_tensor(index) and index.dim() == 0):
+            return ds[int(index)][0]
         positions = range(len(ds))[index] if isinstance(index, slice) else torch.as_tensor(index).flatten().tolist()
         if not len(positions):
             return torch.empty(0, 3, self.split.size, self.split.size, dtype=torch.uint8)
@@ -286,20 +285,13 @@ class FolderSplit:
 
     def loader(self, batch_size: int, train: bool, seed: int | None = None, drop_last: bool = False) -> DataLoader:
         """Batches of (uint8 images, labels) decoded by ``workers`` processes. Training order and augmentation
-        come from ``seed``: the sampler's generator and, through DataLoader's per-worker seeds, the transforms',
-        so a run with the same seed and worker count sees the same batches."""
+        come from ``seed``: the sampler's generator and, through the per-worker seeds DataLoader derives from it
+        (torch's and python's generators, which the transforms draw from), the augmentation, so a run with the
+        same seed and worker count sees the same batches."""
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         return DataLoader(self.dataset(train), batch_size=batch_size, shuffle=train, generator=gen,
                           num_workers=self.workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False, worker_init_fn=_seed_worker if train else None)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torchvision's v2 transforms draw from torch's global generator, which DataLoader seeds per worker; python's
-    # random module is seeded from it too in case a transform uses it
-    import random
-
-    random.seed(torch.initial_seed() % 2**32)
+                          persistent_workers=False)
 
 
 def load(listing_file: str | Path, manifest_file: str | Path, workers: int | None = None) -> Prepared:

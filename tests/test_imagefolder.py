@@ -73,6 +73,7 @@ def test_images_come_out_as_uint8_crops_of_the_configured_size(tmp_path, tree):
     assert one.dtype == torch.uint8 and one.shape == (3, 16, 16)
     assert data.cert.x[:3].shape == (3, 3, 16, 16)
     assert torch.equal(data.cert.x[torch.tensor([0, 2])][1], data.cert.x[2])  # evaluation is deterministic
+    assert torch.equal(data.cert.x[torch.tensor(2)], data.cert.x[2])  # a 0-d index gives one image, as a tensor does
     x, y = next(iter(data.train.loader(4, train=True, seed=0)))
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
 
