@@ -346,13 +346,18 @@ def balanced(split: Split, k: int | None, skip: int = 0) -> Split:
     if k is None:
         return split
     pos = balanced_positions(split.y, k, skip)
-    return split.subset(pos.tolist()) if getattr(split, "streamed", False) else Split(split.x[pos], split.y[pos])
+    return split.subset(pos.tolist()) if streamed(split) else Split(split.x[pos], split.y[pos])
+
+
+def streamed(split) -> bool:
+    """Whether a split is read from disk as it goes (arq.imagefolder) rather than held as one tensor."""
+    return getattr(split, "streamed", False)
 
 
 def in_memory(split) -> Split:
     """A split as tensors: a streamed one (arq.imagefolder) decoded through its evaluation transform, an in-memory
     one as it is. For the few hundred or thousand images a search or a calibration holds on the device."""
-    return Split(split.x[:], split.y) if getattr(split, "streamed", False) else split
+    return Split(split.x[:], split.y) if streamed(split) else split
 
 
 def cert_indices(n_test: int, skip: int) -> torch.Tensor:

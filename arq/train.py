@@ -18,7 +18,7 @@ from torch import nn
 
 from arq import models, quant, rng, variants
 from arq.config import config_hash
-from arq.data import Prepared, Split, balanced
+from arq.data import Prepared, Split, balanced, streamed
 from arq.io import origin, provenance, set_aside, torch_save, write_json, write_text
 from arq.layout import parse
 
@@ -57,11 +57,6 @@ def noisy_accuracy(model: nn.Module, split: Split, sigma: float, batch_size: int
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / len(split)
-
-
-def streamed(split) -> bool:
-    """Whether a split is read from disk as it goes (arq.imagefolder) rather than held as one tensor."""
-    return getattr(split, "streamed", False)
 
 
 def _eval_batches(split, batch_size: int, device: torch.device):
