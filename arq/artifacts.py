@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from arq import layout
+from arq.config import split
 from arq.io import file_digest
 
 
@@ -61,10 +62,11 @@ def record(dvc_file: Path) -> dict:
 
 
 def tracked(config: dict, root: str | Path = ".") -> list[Path]:
-    """The profile's files that DVC tracks (each has a ``<file>.dvc`` record committed to git)."""
+    """The profile's files that DVC tracks (each has a ``<file>.dvc`` record committed to git), for every architecture
+    it runs (``arq.config.split``), as are the functions below."""
     root = Path(root)
     found = []
-    for base in (layout.prepared_dir(config), layout.results_dir(config)):
+    for base in (d for part in split(config) for d in (layout.prepared_dir(part), layout.results_dir(part))):
         for p in sorted((root / base).rglob("*.dvc")):
             try:
                 found.append(layout.inside(p, root).with_suffix(""))
@@ -152,12 +154,13 @@ def prepared_data(config: dict) -> Path:
 def published(config: dict, root: str | Path = ".") -> list[Path]:
     """The binary outputs present under ``root`` that the profile publishes: all of them, less the prepared data
     where ``artifacts.prepared_data`` is false."""
-    try:
-        files = layout.binary_outputs(config, root)
-    except ValueError as exc:
-        raise ArtifactError(str(exc)) from None
-    if not config["artifacts"]["prepared_data"]:
-        files = [f for f in files if f != prepared_data(config)]
+    files = []
+    for part in split(config):
+        try:
+            outputs = layout.binary_outputs(part, root)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
+        files += [f for f in outputs if part["artifacts"]["prepared_data"] or f != prepared_data(part)]
     return files
 
 
@@ -193,8 +196,9 @@ def push(config: dict, configfiles: list[str], remote: str | None = None, root: 
     root = Path(root)
     files = add(config, configfiles, root, log, partial)
     _run(dvc("push", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc push")
-    text = [t for t in (layout.results_dir(config), layout.figures_dir(config),
-                        f"{layout.prepared_dir(config)}/manifest.json") if (root / t).exists()]  # a piece may lack some
+    text = [t for part in split(config) for t in (layout.results_dir(part), layout.figures_dir(part),
+                                                   f"{layout.prepared_dir(part)}/manifest.json")
+            if (root / t).exists()]  # a piece may lack some
     text += _remote_inside(root, remote)
     log(f"pushed {len(files)} file(s). Commit their records with the text results (a git-ignored profile needs its "
         f"lines dropped from .gitignore first): git add {' '.join(f'{f}.dvc' for f in files)} {' '.join(text)}")
@@ -267,11 +271,13 @@ def pull(config: dict, configfiles: list[str], remote: str | None = None, root: 
     log(f"dvc pull: {len(files)} file(s) of profile {config['profile']!r}")
     _run(dvc("pull", *(["--remote", remote] if remote else []), *[f"{f}.dvc" for f in files]), root, "dvc pull")
     verify(config, root)
-    if not config["artifacts"]["prepared_data"]:
-        if (root / prepared_data(config)).exists():
-            _check_data(config, root)
+    for part in split(config):
+        if part["artifacts"]["prepared_data"]:
+            continue
+        if (root / prepared_data(part)).exists():
+            _check_data(part, root)
         else:
-            rebuild_data(config, configfiles, root, log)
+            rebuild_data(part, configfiles, root, log)
     restamp(configfiles, root)
     if partial:
         _report_pending(configfiles, root, log)

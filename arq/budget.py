@@ -65,7 +65,10 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     scale = work_per_image(config)
     rate = {k: v / scale for k, v in rate.items()}
     sizes = split_sizes(config)
-    t, f, c = config["train"], config["finetune"], config["certify"]
+    f, c = config["finetune"], config["certify"]
+    # the base models: trained (train), noise-finetuned from an imported network (pretrained.finetune), or imported
+    # as they are (pretrained.finetune null: Cohen's noise-trained ones; a conversion costs seconds)
+    t = config["train"] if config["pretrained"] is None else config["pretrained"]["finetune"]
 
     def count(k, full):
         return min(k or full, full)
@@ -73,8 +76,9 @@ def estimate_seconds(config: dict, device_type: str, threads: int = 2) -> dict:
     k = len(config["sigmas"])
     base_names = bases(config)
     passes = sum(2 if (b != "fp32" and "satnl" in b and config["robust_base"]["sam"]) else 1 for b in base_names)
-    train = k * t["epochs"] * (passes * count(t["train_images"], sizes["train"]) / rate["train"]
-                               + len(base_names) * count(t["val_images"], sizes["val"]) / rate["infer"])
+    train = 0.0 if t is None else k * t["epochs"] * (passes * count(t["train_images"], sizes["train"]) / rate["train"]
+                                                     + len(base_names) * count(t["val_images"], sizes["val"])
+                                                     / rate["infer"])
     sc, ic = config["search"], config["irs"]
     hc = config["hawq"]
     quantized = [m for m in methods(config) if parse(m).family != "fp32"]

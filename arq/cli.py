@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="per-epoch resume checkpoint (default: <out>.resume.pt)")
     p.add_argument("--base", default="fp32", choices=BASES,
                    help="the FP32 base variant (arq.variants): plain fp32, or trained with SymReg and/or SatNL")
+    p.add_argument("--init", default=None,
+                   help="finetune_base: start from this imported checkpoint (import-base) with the recipe "
+                        "pretrained.finetune, instead of training from scratch with train")
+
+    p = sub.add_parser("import-base", help="convert a published checkpoint (pretrained.format) into the base model "
+                                           "of one σ")
+    p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
+    p.add_argument("--sigma", type=float, required=True,
+                   help="the σ the base serves (cohen: the σ the file was noise-trained at)")
+    p.add_argument("--checkpoint", required=True, help="the published file (pretrained.checkpoints of that σ)")
+    p.add_argument("--manifest", required=True, help="the prepared data's manifest (its class count)")
+    p.add_argument("--out", required=True, help="our checkpoint")
+    p.add_argument("--metrics", required=True, help="summary JSON (the file's sha256, format, provenance)")
 
     p = sub.add_parser("uniform", help="write the uniform WxAy policy of the configured architecture")
     p.add_argument("--config", required=True, help="profile YAML (validated against the schema)")
@@ -248,8 +261,9 @@ def _check_config(args, config: dict) -> None:
     from arq import config as cfg
     from arq import layout
 
-    layout.check(config)
-    print(f"{args.config}: valid (profile {config['profile']}, hash {cfg.config_hash(config)})")
+    for part in cfg.split(config):  # each architecture's part, for a profile of several
+        layout.check(part)
+        print(f"{args.config}: valid (profile {part['profile']}, hash {cfg.config_hash(part)})")
 
 
 def _prepare(args, config: dict) -> None:
@@ -269,7 +283,20 @@ def _train(args, config: dict) -> None:
 
     data, device = _stage_inputs(args, config)
     train(config, args.sigma, data, args.out, _resume(args), args.log_csv, args.metrics, device, log=_log,
-          base=args.base)
+          base=args.base, init=args.init)
+
+
+def _import_base(args, config: dict) -> None:
+    import json
+
+    from arq.config import ConfigError
+    from arq.pretrained import run_import
+
+    if config["pretrained"] is None:
+        raise ConfigError("pretrained is null in this profile: there is no published checkpoint to import")
+    classes = len(json.loads(Path(args.manifest).read_text()).get("classes", ())) or None
+    run_import(config, args.sigma, args.checkpoint, config["pretrained"]["format"], args.out, args.metrics,
+               log=_log, num_classes=classes)
 
 
 def _uniform(args, config: dict) -> None:
@@ -385,28 +412,36 @@ def _artifacts(args, config: dict) -> None:
 def _regenerate(args, config: dict) -> int:
     import tempfile
 
+    from arq import config as cfg
     from arq import report
 
-    if not args.check:
-        out = report.regenerate(config)
-        print("\n".join(v if isinstance(v, str) else "\n".join(v) for v in out.values()))
-        return 0
-    with tempfile.TemporaryDirectory() as scratch:
-        diffs = report.check(config, scratch)
-    if diffs:
-        print("".join(diffs), file=sys.stderr)
-        print(f"arq regenerate: {len(diffs)} problem(s): profile {config['profile']!r} has inconsistent text results "
-              f"or tables that differ from what its text results give", file=sys.stderr)
-        return 1
-    print(f"profile {config['profile']!r}: every table regenerates byte for byte")
-    return 0
+    failed = 0
+    for part in cfg.split(config):  # each architecture's part, for a profile of several
+        if not args.check:
+            out = report.regenerate(part)
+            print("\n".join(v if isinstance(v, str) else "\n".join(v) for v in out.values()))
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            diffs = report.check(part, scratch)
+        if diffs:
+            print("".join(diffs), file=sys.stderr)
+            print(f"arq regenerate: {len(diffs)} problem(s): profile {part['profile']!r} has inconsistent text "
+                  f"results or tables that differ from what its text results give", file=sys.stderr)
+            failed = 1
+        else:
+            print(f"profile {part['profile']!r}: every table regenerates byte for byte")
+    return failed
 
 
 HANDLERS = {"check-config": _check_config, "prepare": _prepare, "train": _train, "uniform": _uniform,
-            "finetune": _finetune, "certify": _certify, "irs-cache": _irs_cache,
+            "finetune": _finetune, "import-base": _import_base, "certify": _certify, "irs-cache": _irs_cache,
             "certify-incremental": _certify_incremental, "search": _search, "hessian": _hessian,
             "allocate-hawq": _allocate_hawq, "sweep": _sweep, "predict": _predict, "report": _report,
             "artifacts": _artifacts, "regenerate": _regenerate}
+
+
+# the subcommands that take a whole profile (every architecture of one that runs several)
+PROFILE_COMMANDS = ("check-config", "artifacts", "regenerate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     from arq.irs import CacheError
     from arq.models import CheckpointError
     from arq.policy import BudgetError, PolicyError
+    from arq.train import DivergedError
 
     try:
         if args.command == "cost":  # the subcommands without a profile
@@ -431,13 +467,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{root}: {args.classes} classes, {args.train} training and {args.val} val images each (random)")
             return 0
         config = cfg.load(args.config, *getattr(args, "overlays", ()))
+        if args.command not in PROFILE_COMMANDS and len(cfg.architectures(config)) > 1:
+            raise cfg.ConfigError(f"{args.config} runs several architectures {cfg.architectures(config)}; a stage "
+                                  "runs one architecture's part, the file the workflow writes under "
+                                  "<results>/<profile>/<arch>/config/")
         if getattr(args, "threads", None):
             import torch
 
             torch.set_num_threads(args.threads)
         return HANDLERS[args.command](args, config) or 0
     except (cfg.ConfigError, DataError, CheckpointError, PolicyError, CacheError, BudgetError, ArtifactError,
-            FileNotFoundError) as exc:
+            DivergedError, FileNotFoundError) as exc:
         print(f"arq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

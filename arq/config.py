@@ -31,12 +31,28 @@ def _key(error: jsonschema.ValidationError) -> str:
 
 
 def validate(config: dict) -> dict:
-    """Raise ConfigError naming the first offending key; return the config unchanged otherwise."""
+    """Raise ConfigError naming the first offending key; return the config unchanged otherwise. A profile of several
+    architectures is valid when each architecture's part (``split``) is."""
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e)))
     if errors:
         lines = [f"  {_key(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    if "per_arch" in config and isinstance(config["model"]["arch"], str):
+        raise ConfigError("invalid configuration:\n  per_arch: only a profile of several architectures (model.arch a "
+                          "list) has settings per architecture")
+    if isinstance(config["model"]["arch"], list):
+        archs = architectures(config)
+        for arch in config.get("per_arch", {}):
+            if arch not in archs:
+                raise ConfigError(f"invalid configuration:\n  per_arch.{arch}: not one of model.arch {archs}")
+        for arch in archs:
+            try:
+                validate(for_arch(config, arch))
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}\n  (in the part of architecture {arch}: the profile with per_arch.{arch} "
+                                  "applied)") from exc
+        return config
     milestones = config["train"]["lr_milestones"]
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise ConfigError("invalid configuration:\n  train.lr_milestones: must be increasing")
@@ -70,10 +86,66 @@ def validate(config: dict) -> dict:
             if not lo <= b <= hi:
                 raise ConfigError(f"invalid configuration:\n  sweep.{key}.{i}: {b} bits is outside quant.min_bits.."
                                   f"max_bits {lo}..{hi}")
+    _check_pretrained(config)
     if config["irs"]["n"] % config["irs"]["chunk"]:
         raise ConfigError("invalid configuration:\n  irs.n: must be a multiple of irs.chunk "
                           f"({config['irs']['n']} is not a multiple of {config['irs']['chunk']})")
     return config
+
+
+def _check_pretrained(config: dict) -> None:
+    """Imported base models: one checkpoint per σ, a finetune recipe exactly for the format that needs one, the
+    plain base only (a robust variant is trained from scratch with its own objective), Cohen's files for ResNet-50."""
+    pre = config["pretrained"]
+    if pre is None:
+        return
+    bad = "invalid configuration:\n  pretrained."
+    want = {sigma_tag(s) for s in config["sigmas"]}
+    have = set(pre["checkpoints"])
+    if want - have:
+        raise ConfigError(f"{bad}checkpoints: no checkpoint for σ {sorted(want - have)} (keys are the σ of sigmas "
+                          f"as quoted numbers, e.g. '{sorted(want)[0]}')")
+    if have - want:
+        raise ConfigError(f"{bad}checkpoints: {sorted(have - want)} are not σ of sigmas {config['sigmas']}")
+    if pre["format"] == "torchvision" and pre["finetune"] is None:
+        raise ConfigError(f"{bad}finetune: a torchvision checkpoint was trained without noise; finetune_base needs a "
+                          "recipe (the keys of train)")
+    if pre["format"] == "cohen" and pre["finetune"] is not None:
+        raise ConfigError(f"{bad}finetune: must be null for cohen checkpoints, which are noise-trained at their σ")
+    if pre["format"] == "cohen" and config["model"]["arch"] != "resnet50":
+        raise ConfigError(f"{bad}format: Cohen et al. released ImageNet ResNet-50s, not {config['model']['arch']}")
+    if config["robust_base"]["bases"] != ["fp32"]:
+        raise ConfigError(f"{bad}format: imported base models replace the plain base only; robust_base.bases must "
+                          "be [fp32]")
+    if pre["finetune"] is not None and any(b <= a for a, b in zip(pre["finetune"]["lr_milestones"],
+                                                                     pre["finetune"]["lr_milestones"][1:])):
+        raise ConfigError(f"{bad}finetune.lr_milestones: must be increasing")
+
+
+def architectures(config: dict) -> list[str]:
+    """The architectures a profile runs: ``model.arch``, one name or a list."""
+    arch = config["model"]["arch"]
+    return [arch] if isinstance(arch, str) else list(arch)
+
+
+def for_arch(config: dict, arch: str) -> dict:
+    """One architecture's part of a profile of several: ``model.arch`` that one, its ``per_arch`` settings merged in,
+    and the profile named ``<profile>/<arch>``, so that its results, figures, logs and prepared data live in a
+    folder of their own under the profile's. A profile of one architecture is its own part, unchanged."""
+    if isinstance(config["model"]["arch"], str):
+        if arch != config["model"]["arch"]:
+            raise ConfigError(f"profile {config['profile']!r} runs {config['model']['arch']!r}, not {arch!r}")
+        return config
+    if arch not in architectures(config):
+        raise ConfigError(f"profile {config['profile']!r} runs {architectures(config)}, not {arch!r}")
+    part = {k: v for k, v in config.items() if k != "per_arch"}
+    part = merge(part, config.get("per_arch", {}).get(arch, {}))
+    return {**part, "profile": f"{config['profile']}/{arch}", "model": {**part["model"], "arch": arch}}
+
+
+def split(config: dict) -> list[dict]:
+    """Each architecture's part of a profile (one part, the profile itself, for a profile of one architecture)."""
+    return [for_arch(config, arch) for arch in architectures(config)]
 
 
 def _read(path: Path) -> dict:

@@ -42,8 +42,8 @@ def _strip(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-def convert(obj, arch: str, fmt: str, path: Path = Path("<checkpoint>")) -> dict:
-    """The state_dict of our ``models.build(arch)`` holding the weights of a published checkpoint."""
+def convert(obj, arch: str, fmt: str, path: Path = Path("<checkpoint>"), num_classes: int | None = None) -> dict:
+    """The state_dict of our ``models.build(arch, num_classes)`` holding the weights of a published checkpoint."""
     if fmt not in FORMATS:
         raise ValueError(f"import format must be one of {FORMATS}, not {fmt!r}")
     if fmt == "cohen" and isinstance(obj, dict) and obj.get("arch") not in (None, arch):
@@ -54,7 +54,7 @@ def convert(obj, arch: str, fmt: str, path: Path = Path("<checkpoint>")) -> dict
         odd = next(k for k in state if not k.startswith("1."))
         raise models.CheckpointError(f"{path}: key {odd!r} is not under the network of Cohen et al.'s "
                                      f"Sequential(NormalizeLayer, DataParallel(network)); is this a torchvision file?")
-    ours = models.build(arch).state_dict()
+    ours = models.build(arch, num_classes).state_dict()
     converted = {f"net.{_strip(k, prefixes)}": v for k, v in state.items()}
     for k, v in ours.items():
         if k.startswith("normalize."):
@@ -69,15 +69,19 @@ def convert(obj, arch: str, fmt: str, path: Path = Path("<checkpoint>")) -> dict
     for k, v in ours.items():
         if converted[k].shape != v.shape:
             raise models.CheckpointError(f"{path}: {k} has shape {tuple(converted[k].shape)}, {arch} needs "
-                                         f"{tuple(v.shape)}")
+                                         f"{tuple(v.shape)}" + (f" for {num_classes} classes" if num_classes else ""))
     return converted
 
 
 def run_import(config: dict, sigma: float, source: str | Path, fmt: str, out: str | Path,
-               log=print) -> dict:
-    """Write ``source`` as this profile's FP32 base checkpoint for σ (the σ it was noise-trained at, for cohen)."""
-    from arq.io import sha256_file
+               metrics_json: str | Path | None = None, log=print, num_classes: int | None = None) -> dict:
+    """Write ``source`` as this profile's FP32 base checkpoint for σ (the σ it was noise-trained at, for cohen), for
+    data of ``num_classes`` classes (the architecture's default: ImageNet's 1000)."""
+    import time
 
+    from arq.io import provenance, sha256_file, write_json
+
+    start = time.perf_counter()
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"published checkpoint not found: {source}")
@@ -86,11 +90,14 @@ def run_import(config: dict, sigma: float, source: str | Path, fmt: str, out: st
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise models.CheckpointError(f"cannot read {source}: {exc}") from exc
-    model = models.build(arch)
-    model.load_state_dict(convert(obj, arch, fmt, source))
+    model = models.build(arch, num_classes)
+    model.load_state_dict(convert(obj, arch, fmt, source, num_classes))
     meta = {"sigma": float(sigma), "method": "fp32", "profile": config["profile"],
             "imported": {"path": str(source), "sha256": sha256_file(source), "format": fmt,
                          "noise_trained": fmt == "cohen"}}
     models.save_checkpoint(out, model, arch, **meta)
+    if metrics_json is not None:
+        write_json(metrics_json, {**meta, "num_classes": models.num_classes(model),
+                                  **provenance(config, torch.device("cpu"), time.perf_counter() - start)})
     log(f"imported {source} ({fmt} format) as the {arch} base for σ={sigma} → {out}")
     return meta

@@ -14,7 +14,7 @@ import torch
 # Every purpose a stage draws noise for; derive_seed refuses others so a typo cannot alias a stream.
 PURPOSES = ("train", "finetune", "finetune-eval", "calibrate", "certify", "predict", "irs", "search-calibrate",
             "search-finetune", "search-bn", "search-cohen", "search-agent", "hessian-noise", "hessian-probes",
-            "fidelity-outcome")
+            "fidelity-outcome", "finetune-base")
 
 
 def derive_seed(purpose: str, seed: int, *index: int) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arq import models, quant, rng, variants
-from arq.config import config_hash
+from arq.config import ConfigError, config_hash
 from arq.data import Prepared, Split, balanced, streamed
 from arq.io import origin, provenance, set_aside, torch_save, write_json, write_text
 from arq.layout import parse
@@ -86,11 +86,14 @@ def _train_batches(split, batch_size: int, gen: torch.Generator, device: torch.d
         yield augment(split.x[idx], gen), split.y[idx]
 
 
-def _train_fingerprint(config: dict, sigma: float, data_sha: str, base: str = "fp32") -> dict:
-    """What a resume checkpoint must match: same recipe (a robust variant's settings included), same σ, same data."""
+def _train_fingerprint(config: dict, sigma: float, data_sha: str, base: str = "fp32", init: dict | None = None) -> dict:
+    """What a resume checkpoint must match: same recipe (a robust variant's settings included), same σ, same data,
+    and for a noise finetune of an imported model the same imported weights."""
     recipe = {"train": config["train"], "model": config["model"]}
     if base != "fp32":
         recipe["robust_base"] = variants.settings(config, base)
+    if init is not None:
+        recipe = {"pretrained": config["pretrained"], "model": config["model"], "init": init}
     return {"train_hash": config_hash(recipe), "sigma": sigma, "data_sha256": data_sha,
             **({"base": base} if base != "fp32" else {})}
 
@@ -129,6 +132,10 @@ def _try_resume(resume_path: Path, fingerprint: dict, model: nn.Module, opt, sch
     sched.load_state_dict(ckpt["scheduler"])
     log(f"resuming from {resume_path} after epoch {ckpt['epoch']}")
     return ckpt["history"], ckpt["epoch"]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the stage stops instead of writing a model of NaN weights."""
 
 
 def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Split, sigma: float, stream: str,
@@ -180,6 +187,10 @@ def run_epochs(model: nn.Module, opt, sched, train_split: Split, val_split: Spli
         log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
             f"noisy val acc {val_acc:.4f}  {row['images_per_s']:.0f} img/s  lr {lr:g}"
             + (f"  penalty {row['penalty']:.3g}" if objective is not None else ""))
+        if not torch.isfinite(loss_sum):  # before on_epoch: the resume checkpoint keeps the last finite epoch
+            raise DivergedError(f"{stream}: the loss became {loss_sum.item()} in epoch {epoch + 1} (learning rate "
+                                f"{lr:g}, batches of {bs}): training diverged; lower the learning rate of this "
+                                "stage in the profile")
         if on_epoch is not None:
             on_epoch(epoch + 1, history)
     return history
@@ -195,16 +206,32 @@ def _checkpointer(resume_path: Path, fingerprint: dict, model, opt, sched, log_c
 
 
 def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, resume_path: str | Path,
-          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print, base: str = "fp32") -> dict:
+          log_csv: str | Path, metrics_json: str | Path, device: torch.device, log=print, base: str = "fp32",
+          init: str | Path | None = None) -> dict:
     """Train the base model at noise level σ; write the final checkpoint, a per-epoch CSV and a summary.
 
     ``base`` names the variant (arq.variants): ``fp32``, or a robust one trained with SymReg and/or SatNL from the
-    same initial weights and batches. The checkpoint records it (as its ``method``) and holds ordinary weights."""
-    tc = config["train"]
+    same initial weights and batches. The checkpoint records it (as its ``method``) and holds ordinary weights.
+    With ``init`` (the finetune_base stage) the weights start from that imported checkpoint (arq.pretrained) and the
+    recipe is ``pretrained.finetune``: a noise finetune of a network trained without noise."""
+    if init is not None and (config["pretrained"] or {}).get("finetune") is None:
+        raise ConfigError("a noise finetune of an imported model (--init) needs pretrained.finetune, its recipe")
+    tc = config["train"] if init is None else config["pretrained"]["finetune"]
+    stream = "train" if init is None else "finetune-base"
     start = time.perf_counter()
     torch.manual_seed(tc["seed"])  # model initialisation: the same for every variant
     # the class count of the data (a user's tree); the architecture's default when the manifest lists no classes
-    model = models.build(config["model"]["arch"], len(data.manifest.get("classes", ())) or None).to(device)
+    classes = len(data.manifest.get("classes", ())) or None
+    imported = None
+    if init is None:
+        model = models.build(config["model"]["arch"], classes)
+    else:
+        model, meta = models.load_for_stage(init, config, sigma, "fp32", log)
+        imported = meta.get("imported")
+        if classes is not None and models.num_classes(model) != classes:
+            raise models.CheckpointError(f"{init} has {models.num_classes(model)} outputs, but the data has "
+                                         f"{classes} classes")
+    model = model.to(device)
     objective = variants.objective(config, base)
     if objective is not None:
         objective.prepare(model)
@@ -212,15 +239,16 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=tc["lr_milestones"], gamma=tc["lr_gamma"])
-    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"], base)
+    fingerprint = _train_fingerprint(config, sigma, data.manifest["file_sha256"], base, imported)
     train_split = _to_device(first_images(data.train, tc["train_images"]), device)
     val_split = _to_device(balanced(data.val, tc["val_images"]), device)
 
     resume_path = Path(resume_path)
     history, first_epoch = _try_resume(resume_path, fingerprint, model, opt, sched, device, log)
-    log(f"training {config['model']['arch']} ({base}) at σ={sigma} on {len(train_split)} images for {tc['epochs']} "
-        f"epochs on {device}" + (f": {objective.describe()}" if objective is not None else ""))
-    history = run_epochs(model, opt, sched, train_split, val_split, sigma, "train", tc["seed"], tc["epochs"], tc["batch_size"],
+    log(f"{'training' if init is None else f'noise-finetuning {init}:'} {config['model']['arch']} ({base}) at "
+        f"σ={sigma} on {len(train_split)} images for {tc['epochs']} epochs on {device}"
+        + (f": {objective.describe()}" if objective is not None else ""))
+    history = run_epochs(model, opt, sched, train_split, val_split, sigma, stream, tc["seed"], tc["epochs"], tc["batch_size"],
                          device, log, first_epoch, history,
                          _checkpointer(resume_path, fingerprint, model, opt, sched, log_csv), objective)
 
@@ -231,8 +259,9 @@ def train(config: dict, sigma: float, data: Prepared, out_model: str | Path, res
     models.save_checkpoint(out_model, model.to(memory_format=torch.contiguous_format).cpu(),
                            config["model"]["arch"], sigma=sigma, epoch=tc["epochs"], method=base,
                            profile=config["profile"], config_hash=config_hash(config),
-                           data_sha256=data.manifest["file_sha256"])
+                           data_sha256=data.manifest["file_sha256"], **({"imported": imported} if init else {}))
     summary = {"base": base, "sigma": sigma, "epochs": tc["epochs"], "train_images": len(train_split),
+               **({"noise_finetune_of": {"path": str(init), "imported": imported}} if init else {}),
                "final_noisy_val_acc": history[-1]["noisy_val_acc"],
                "mean_images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1), **extra,
                **provenance(config, device, wall, {"data": origin("prepared data", data.manifest)})}

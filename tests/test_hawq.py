@@ -223,3 +223,15 @@ def test_the_hessian_loss_sees_the_images_with_gaussian_noise_of_std_sigma():
     seen.clear()
     list(batches())
     assert torch.equal(torch.cat(seen), first)  # fixed noise: every pass is the same function of the weights
+
+
+def test_a_model_whose_loss_is_not_finite_is_refused_before_the_ilp(hawq_setup, tmp_path):
+    cfg, _, data = hawq_setup
+    model = models.build("resnet20")
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    models.save_checkpoint(tmp_path / "nan.pt", model, "resnet20", sigma=0.25, method="fp32", profile="smoke")
+    with pytest.raises(models.CheckpointError, match="the Hessian trace is nan"):
+        run_hessian(cfg, 0.25, tmp_path / "nan.pt", data, tmp_path / "h.json", torch.device("cpu"),
+                    log=lambda s: None)
+    assert not (tmp_path / "h.json").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -173,7 +174,7 @@ def test_an_imagefolder_profile_validates_and_refuses_cifar_keys_and_an_unbounde
     from arq import config as cfg
     from arq import layout
 
-    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    profile = cfg.split(cfg.load(repo_root / "config" / "imagenet-smoke.yaml"))[0]  # the ResNet-50 part
     assert profile["data"]["source"] == "imagefolder" and profile["model"]["arch"] == "resnet50"
     stray = {**profile, "data": {**profile["data"], "val_size": 5000}}
     with pytest.raises(cfg.ConfigError, match="data: .* should not be valid"):
@@ -195,7 +196,7 @@ def test_snakemakes_default_config_keys_are_dropped_under_a_complete_profile(rep
     merged = json.loads(json.dumps(cfg.load(repo_root / "config" / "config.yaml")))
     for key, value in profile.items():  # Snakemake's merge of a --configfile over config/config.yaml
         if isinstance(value, dict):
-            merged[key].update(value)
+            merged.setdefault(key, {}).update(value)
         else:
             merged[key] = value
     assert "val_size" in merged["data"]
@@ -209,7 +210,7 @@ def test_the_cost_estimate_counts_the_tree_and_scales_with_the_network(tmp_path,
     from arq import budget
     from arq import config as cfg
 
-    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    profile = cfg.split(cfg.load(repo_root / "config" / "imagenet-smoke.yaml"))[0]  # the ResNet-50 part
     profile["data"]["path"] = str(tree)
     profile["data"]["search_per_class"] = 2
     assert budget.split_sizes(profile) == {"train": 12, "val": 6, "cert": 6}
@@ -244,3 +245,130 @@ def test_sample_tree_writes_a_tree_the_reader_accepts(tmp_path):
     assert done.returncode == 0, done.stderr
     t = imagefolder.scan(tmp_path / "data" / "imagenet-smoke" / "tree")
     assert len(t.classes) == 5 and len(t.files["train"]) == 80 and len(t.files["val"]) == 30
+
+
+# ------------------------------------------------------------------- a profile of several architectures (issue 25)
+
+def test_a_profile_of_two_architectures_splits_into_parts_with_their_own_folders(repo_root):
+    from arq import config as cfg
+    from arq import layout
+
+    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    assert cfg.architectures(profile) == ["resnet50", "mobilenet_v2"]
+    resnet, mobilenet = cfg.split(profile)
+    assert (resnet["profile"], mobilenet["profile"]) == ("imagenet-smoke/resnet50", "imagenet-smoke/mobilenet_v2")
+    assert resnet["model"] == {"arch": "resnet50"} and "per_arch" not in resnet and "per_arch" not in mobilenet
+    # per_arch reaches its own part only
+    assert mobilenet["train"]["weight_decay"] == 4.0e-5 and resnet["train"]["weight_decay"] == 1.0e-4
+    assert mobilenet["quant"]["act_clip"] == "calibrated" and resnet["quant"]["act_clip"] == "learned"
+    assert layout.results_dir(mobilenet) == "results/imagenet-smoke/mobilenet_v2"
+    assert layout.prepared_dir(resnet) == "data/prepared/imagenet-smoke/resnet50"
+    assert cfg.validate(mobilenet) is mobilenet  # a part is a profile of its own (what each job reads)
+    assert cfg.config_hash(resnet) != cfg.config_hash(mobilenet)
+    one = cfg.load(repo_root / "config" / "smoke.yaml")
+    assert cfg.split(one) == [one] and cfg.for_arch(one, "resnet20") is one  # a profile of one: itself
+    with pytest.raises(cfg.ConfigError, match="runs 'resnet20', not 'resnet50'"):
+        cfg.for_arch(one, "resnet50")
+
+
+def test_settings_per_architecture_are_checked_against_the_architectures_and_each_part(repo_root):
+    from arq import config as cfg
+
+    profile = cfg.load(repo_root / "config" / "imagenet-smoke.yaml")
+    stray = {**profile, "per_arch": {"resnet20": {}}}
+    with pytest.raises(cfg.ConfigError, match=r"per_arch.resnet20: not one of model.arch"):
+        cfg.validate(stray)
+    bad = {**profile, "per_arch": {"mobilenet_v2": {"finetune": {"lr": -1}}}}
+    with pytest.raises(cfg.ConfigError, match=r"(?s)finetune.lr: .*in the part of architecture mobilenet_v2"):
+        cfg.validate(bad)
+    renamed = {**profile, "per_arch": {"mobilenet_v2": {"model": {"arch": "resnet20"}}}}
+    with pytest.raises(cfg.ConfigError, match="per_arch.mobilenet_v2"):
+        cfg.validate(renamed)
+    single = cfg.load(repo_root / "config" / "smoke.yaml")
+    with pytest.raises(cfg.ConfigError, match="per_arch: only a profile of several architectures"):
+        cfg.validate({**single, "per_arch": {"resnet20": {}}})
+    with pytest.raises(cfg.ConfigError, match="profile"):
+        cfg.validate({**single, "profile": "smoke/extra"})  # only the workflow names a part <profile>/<arch>
+
+
+def test_stage_commands_take_one_part_and_profile_commands_every_part(repo_root, capsys):
+    from arq import cli
+
+    profile = str(repo_root / "config" / "imagenet-smoke.yaml")
+    assert cli.main(["check-config", profile]) == 0
+    out = capsys.readouterr().out
+    assert "profile imagenet-smoke/resnet50," in out and "profile imagenet-smoke/mobilenet_v2," in out
+    assert cli.main(["uniform", "--config", profile, "--bits", "W8A8", "--out", "x.json"]) == 2
+    assert "runs several architectures ['resnet50', 'mobilenet_v2']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- imported base models (pretrained)
+
+def _with_pretrained(profile, **pretrained):
+    out = json.loads(json.dumps(profile))
+    out["pretrained"] = {"format": "torchvision", "checkpoints": {"0.5": "x.pth"}, "finetune": dict(out["train"]),
+                         **pretrained}
+    return out
+
+
+def test_pretrained_settings_are_checked(repo_root):
+    from arq import config as cfg
+
+    part = cfg.split(cfg.load(repo_root / "config" / "imagenet-smoke.yaml"))[1]  # MobileNetV2, σ 0.5
+    assert cfg.validate(_with_pretrained(part))
+    with pytest.raises(cfg.ConfigError, match=r"checkpoints: no checkpoint for σ \['0.5'\]"):
+        cfg.validate(_with_pretrained(part, checkpoints={"1.0": "x.pth"}))
+    with pytest.raises(cfg.ConfigError, match=r"checkpoints: \['0.25'\] are not σ of sigmas"):
+        cfg.validate(_with_pretrained(part, checkpoints={"0.5": "x", "0.25": "y"}))
+    with pytest.raises(cfg.ConfigError, match="finetune_base needs a recipe"):
+        cfg.validate(_with_pretrained(part, finetune=None))
+    with pytest.raises(cfg.ConfigError, match="Cohen et al. released ImageNet ResNet-50s, not mobilenet_v2"):
+        cfg.validate(_with_pretrained(part, format="cohen", finetune=None))
+    with pytest.raises(cfg.ConfigError, match="must be null for cohen"):
+        cfg.validate(_with_pretrained(cfg.split(cfg.load(repo_root / "config" / "imagenet-smoke.yaml"))[0],
+                                      format="cohen"))
+    robust = _with_pretrained(part)
+    robust["robust_base"]["bases"] = ["fp32", "fp32_symreg"]
+    with pytest.raises(cfg.ConfigError, match="robust_base.bases must be \\[fp32\\]"):
+        cfg.validate(robust)
+    with pytest.raises(cfg.ConfigError, match="pretrained.finetune.lr"):
+        cfg.validate(_with_pretrained(part, finetune={**part["train"], "lr": 0}))
+
+
+def test_the_imagenet_profile_plans_both_architectures_from_imported_weights(tmp_path, repo_root):
+    """The paper's ImageNet profile on a generated tree and stand-in weight files: a dry run plans every stage of
+    both architectures, each σ's base imported and noise-finetuned (no train_base), and prints the estimated cost
+    of each part first."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from arq import config as cfg
+
+    profile = cfg.load(repo_root / "config" / "imagenet.yaml")
+    assert [p["profile"] for p in cfg.split(profile)] == ["imagenet/resnet50", "imagenet/mobilenet_v2"]
+    assert profile["sigmas"] == [0.5, 1.0, 2.0] and profile["data"]["cert_skip"] == 100
+    tree = imagefolder.write_tree(tmp_path / "imagenet", CLASSES, {"train": 12, "val": 4}, size=20)
+    files = {}
+    for arch in ("resnet50", "mobilenet_v2"):
+        files[arch] = tmp_path / f"{arch}.pth"
+        files[arch].write_bytes(b"stand-in: a dry run only checks that it exists")
+    overlay = {"paths": {"data": str(tmp_path / "data"), "results": str(tmp_path / "results"),
+                         "figures": str(tmp_path / "figures"), "logs": str(tmp_path / "logs")},
+               "data": {"path": str(tree), "search_per_class": 2},
+               "pretrained": {"checkpoints": {s: str(files["resnet50"]) for s in ("0.5", "1.0", "2.0")}},
+               "per_arch": {"mobilenet_v2": {"pretrained": {"checkpoints": {s: str(files["mobilenet_v2"])
+                                                                            for s in ("0.5", "1.0", "2.0")}}}}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    plan = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/imagenet.yaml",
+                           str(tmp_path / "overlay.yaml")], cwd=repo_root, capture_output=True, text=True,
+                          timeout=600)
+    out = plan.stdout + plan.stderr
+    assert plan.returncode == 0, out[-3000:]
+    assert "[arq] profile 'imagenet/resnet50' on" in out and "[arq] profile 'imagenet/mobilenet_v2' on" in out
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.M)}
+    for arch in ("resnet50", "mobilenet_v2"):
+        assert counts[f"{arch}_import_base"] == 3 and counts[f"{arch}_finetune_base"] == 3
+        assert counts[f"{arch}_search"] == 9 and counts[f"{arch}_report"] == 1  # 3 methods × 3 σ
+    assert not any("train_base" in job for job in counts)

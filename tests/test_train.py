@@ -223,3 +223,38 @@ def test_batchnorm_statistics_are_re_estimated_exactly_on_the_given_batches():
     per_batch = torch.stack([model[0](x).detach().mean((0, 2, 3)) for x in batches])
     assert torch.allclose(model[1].running_mean, per_batch.mean(0), atol=1e-5)  # equal batches: the overall mean
     assert torch.allclose(model[1].running_mean, acts.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_the_last_finite_epochs_resume_file(tiny_config, tiny_data,
+                                                                                         tmp_path, single_thread):
+    from arq.train import DivergedError
+
+    tiny_config["train"]["lr"] = 1.0e12  # the loss overflows within the first epoch
+    with pytest.raises(DivergedError, match=r"train: the loss became nan in epoch 1 \(learning rate 1e\+12"):
+        _run(tiny_config, tiny_data, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "model.pt").exists() and not (tmp_path / "nan" / "resume.pt").exists()
+
+
+def test_a_noise_finetune_starts_from_the_imported_weights_with_its_own_recipe(tiny_config, tiny_data, tmp_path,
+                                                                              single_thread):
+    from arq.config import ConfigError
+
+    torch.manual_seed(3)
+    start = models.build("resnet20")
+    models.save_checkpoint(tmp_path / "imported.pt", start, "resnet20", sigma=0.25, method="fp32",
+                           profile=tiny_config["profile"], imported={"path": "x.pth", "sha256": "cd" * 32,
+                                                                     "format": "torchvision", "noise_trained": False})
+    out = tmp_path / "tuned"
+    with pytest.raises(ConfigError, match="needs pretrained.finetune"):
+        train(tiny_config, 0.25, tiny_data, out / "model.pt", out / "resume.pt", out / "train.csv",
+              out / "train.json", DEVICE, log=lambda *_: None, init=tmp_path / "imported.pt")
+    tiny_config["pretrained"] = {"format": "torchvision", "checkpoints": {"0.25": "x.pth"},
+                                 "finetune": {**tiny_config["train"], "epochs": 1, "lr": 1.0e-9}}
+    summary = train(tiny_config, 0.25, tiny_data, out / "model.pt", out / "resume.pt", out / "train.csv",
+                    out / "train.json", DEVICE, log=lambda *_: None, init=tmp_path / "imported.pt")
+    tuned, meta = models.load_checkpoint(out / "model.pt", "resnet20")
+    assert summary["epochs"] == 1 and summary["noise_finetune_of"]["imported"]["sha256"] == "cd" * 32
+    assert meta["imported"]["format"] == "torchvision"
+    for (k, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):  # a tiny step from the start
+        if a.is_floating_point() and "running" not in k:
+            assert torch.allclose(a, b, atol=1e-6), k

@@ -120,6 +120,9 @@ def run_hessian(config: dict, sigma: float, model_path: str | Path, data, out_js
                                                                                       device=device))
     result = layer_traces(batches, params, rng.generator("hessian-probes", hc["seed"], device=device), hc["probes"],
                           hc["max_iterations"], hc["tol"], hc["patience"], log)
+    if not math.isfinite(result["history"][-1]["total_trace"]):  # HAWQ's ILP cannot weigh a NaN sensitivity
+        raise models.CheckpointError(f"{model_path}: the Hessian trace is {result['history'][-1]['total_trace']}: "
+                                     "the model's loss is not finite on the noisy training images")
     doc = {"format": FORMAT, "architecture": config["model"]["arch"], "sigma": sigma, "images": k,
            "probes_per_iteration": hc["probes"], "max_iterations": hc["max_iterations"], "tol": hc["tol"],
            "patience": hc["patience"],

@@ -7,17 +7,14 @@ from pathlib import Path
 import yaml
 
 from arq import artifacts, budget, layout
-from arq.config import ConfigError, config_hash, drop_unlisted, load, search_settings, validate
+from arq.config import ConfigError, config_hash, search_settings, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
 from arq.variants import settings as variant_settings
 
-# A profile given with --configfile must be complete on its own (later --configfile files are explicit
-# overlays); otherwise Snakemake would silently fill its missing keys from config/config.yaml. Both the
-# profile alone and the merged result are validated, exactly as `arq check-config PROFILE [OVERLAY...]` does.
+# `config` is one architecture's part of the profile (workflow/rules/profile.smk): the whole profile, or, in a
+# profile of several architectures, the module's `config:`.
 try:
-    if workflow.overwrite_configfiles:
-        drop_unlisted(config, load(*workflow.overwrite_configfiles))
     layout.check(validate(config))
 except ConfigError as exc:
     raise WorkflowError(str(exc))
@@ -165,19 +162,7 @@ def announce_cost():
     print(f"[arq] {budget.describe(config, device, cores or 1)}", file=sys.stderr)
 
 
-def check_device():
-    """Before any job runs (not while a dry run, a report or a restamp reads the workflow)."""
-    import torch
-
-    if config["device"] == "cuda" and not torch.cuda.is_available():
-        raise WorkflowError("config device is 'cuda' but no CUDA device is available")
-
-
 announce_cost()
-
-
-onstart:
-    check_device()
 
 
 # Captions of the items in `snakemake --report` (workflow/report/*.rst, templated with the profile's settings).
