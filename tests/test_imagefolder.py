@@ -336,34 +336,23 @@ def test_pretrained_settings_are_checked(repo_root):
 
 
 def test_the_imagenet_profile_plans_both_architectures_from_imported_weights(tmp_path, repo_root):
-    """The paper's ImageNet profile on a generated tree and stand-in weight files: a dry run plans every stage of
-    both architectures, each σ's base imported and noise-finetuned (no train_base), and prints the estimated cost
-    of each part first."""
-    import subprocess
-    import sys
-
-    import yaml
+    """The paper's ImageNet profile, as README gives it, in a copy of the repository holding a generated tree and
+    stand-in weight files where the profile expects them: a dry run plans every stage of both architectures, each
+    σ's base imported and noise-finetuned (no train_base), and prints the estimated cost of each part first."""
+    from documented import repository_copy, run_documented
 
     from arq import config as cfg
 
     profile = cfg.load(repo_root / "config" / "imagenet.yaml")
     assert [p["profile"] for p in cfg.split(profile)] == ["imagenet/resnet50", "imagenet/mobilenet_v2"]
     assert profile["sigmas"] == [0.5, 1.0, 2.0] and profile["data"]["cert_skip"] == 100
-    tree = imagefolder.write_tree(tmp_path / "imagenet", CLASSES, {"train": 12, "val": 4}, size=20)
-    files = {}
-    for arch in ("resnet50", "mobilenet_v2"):
-        files[arch] = tmp_path / f"{arch}.pth"
-        files[arch].write_bytes(b"stand-in: a dry run only checks that it exists")
-    overlay = {"paths": {"data": str(tmp_path / "data"), "results": str(tmp_path / "results"),
-                         "figures": str(tmp_path / "figures"), "logs": str(tmp_path / "logs")},
-               "data": {"path": str(tree), "search_per_class": 2},
-               "pretrained": {"checkpoints": {s: str(files["resnet50"]) for s in ("0.5", "1.0", "2.0")}},
-               "per_arch": {"mobilenet_v2": {"pretrained": {"checkpoints": {s: str(files["mobilenet_v2"])
-                                                                            for s in ("0.5", "1.0", "2.0")}}}}}
-    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    plan = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/imagenet.yaml",
-                           str(tmp_path / "overlay.yaml")], cwd=repo_root, capture_output=True, text=True,
-                          timeout=600)
+    workdir = repository_copy(tmp_path, "repo")
+    imagefolder.write_tree(workdir / "data" / "imagenet", CLASSES, {"train": 12, "val": 4}, size=20)
+    for part in cfg.split(profile):
+        for published in set(part["pretrained"]["checkpoints"].values()):
+            (workdir / published).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / published).write_bytes(b"stand-in: a dry run only checks that it exists")
+    plan = run_documented("snakemake --cores all --configfile config/imagenet.yaml", workdir, dry_run=True)
     out = plan.stdout + plan.stderr
     assert plan.returncode == 0, out[-3000:]
     assert "[arq] profile 'imagenet/resnet50' on" in out and "[arq] profile 'imagenet/mobilenet_v2' on" in out

@@ -77,7 +77,7 @@ def test_the_finished_profile_has_nothing_to_do_and_regenerates_both_reports(ima
     assert result.returncode == 0, _tail(result)
     dry = _run(workdir, "snakemake", "-n", "--configfile", "config/imagenet-smoke.yaml")
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, _tail(dry)
-    check = _run(workdir, "arq", "regenerate", "--check", "config/imagenet-smoke.yaml")
+    check = _run(workdir, "arq", "regenerate", "--config", "config/imagenet-smoke.yaml", "--check")
     assert check.returncode == 0, _tail(check)
     for arch in LAYERS:
         assert f"profile 'imagenet-smoke/{arch}': every table regenerates byte for byte" in check.stdout
@@ -111,7 +111,7 @@ def test_imported_bases_replace_training_cohen_as_is_torchvision_noise_finetuned
     configs = ["--configfile", "config/imagenet-smoke.yaml", "imported.yaml"]
     res = Path("imported/results/imagenet-smoke")
     bases = [str(res / arch / "models" / "fp32_sigma0.5" / "model.pt") for arch in LAYERS]
-    run = _run(workdir, "snakemake", "--cores", "2", *configs, *bases)
+    run = _run(workdir, "snakemake", "--cores", "2", *bases, *configs)  # targets first: --configfile takes the rest
     assert run.returncode == 0, _tail(run)
     out = run.stdout + run.stderr
     assert "resnet50_import_base" in out and "mobilenet_v2_import_base" in out and "mobilenet_v2_finetune_base" in out
