@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, required=True,
                    help="the σ the base serves (cohen: the σ the file was noise-trained at)")
     p.add_argument("--checkpoint", required=True, help="the published file (pretrained.checkpoints of that σ)")
+    p.add_argument("--data", required=True, help="the prepared data (checked against its manifest)")
     p.add_argument("--manifest", required=True, help="the prepared data's manifest (its class count)")
     p.add_argument("--out", required=True, help="our checkpoint")
     p.add_argument("--metrics", required=True, help="summary JSON (the file's sha256, format, provenance)")
@@ -287,14 +288,13 @@ def _train(args, config: dict) -> None:
 
 
 def _import_base(args, config: dict) -> None:
-    import json
-
     from arq.config import ConfigError
+    from arq.data import read_manifest
     from arq.pretrained import run_import
 
     if config["pretrained"] is None:
         raise ConfigError("pretrained is null in this profile: there is no published checkpoint to import")
-    classes = len(json.loads(Path(args.manifest).read_text()).get("classes", ())) or None
+    classes = len(read_manifest(args.data, args.manifest).get("classes", ())) or None
     run_import(config, args.sigma, args.checkpoint, config["pretrained"]["format"], args.out, args.metrics,
                log=_log, num_classes=classes)
 

@@ -53,8 +53,7 @@ def validate(config: dict) -> dict:
                 raise ConfigError(f"{exc}\n  (in the part of architecture {arch}: the profile with per_arch.{arch} "
                                   "applied)") from exc
         return config
-    milestones = config["train"]["lr_milestones"]
-    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+    if not _increasing(config["train"]["lr_milestones"]):
         raise ConfigError("invalid configuration:\n  train.lr_milestones: must be increasing")
     q = config["quant"]
     lo, hi = q["min_bits"], q["max_bits"]
@@ -117,9 +116,13 @@ def _check_pretrained(config: dict) -> None:
     if config["robust_base"]["bases"] != ["fp32"]:
         raise ConfigError(f"{bad}format: imported base models replace the plain base only; robust_base.bases must "
                           "be [fp32]")
-    if pre["finetune"] is not None and any(b <= a for a, b in zip(pre["finetune"]["lr_milestones"],
-                                                                     pre["finetune"]["lr_milestones"][1:])):
+    if pre["finetune"] is not None and not _increasing(pre["finetune"]["lr_milestones"]):
         raise ConfigError(f"{bad}finetune.lr_milestones: must be increasing")
+
+
+def _increasing(values: list) -> bool:
+    """Strictly increasing (learning-rate milestones: the schema checks their type, not their order)."""
+    return all(a < b for a, b in zip(values, values[1:]))
 
 
 def architectures(config: dict) -> list[str]:

@@ -18,6 +18,8 @@ TESTS = Path(__file__).resolve().parent
 # Commands a test cannot run and that are not synopses: why, and what stands for them.
 NAMED = {
     "bash .ci/run": "CI itself (it runs README's test command on a clean clone)",
+    "bash .ci/slurm": "the Slurm tests' own runner (tests/test_slurm.py runs every command it documents)",
+    ".venv/bin/pip install -e '.[slurm]'": "the plugin's install; README's test install (`.[test]`) includes it",
     "git log --follow": "a sentence about the history of the renamed cpu-v1 results",
     "git add …": "the line `arq artifacts push` prints; test_e2e's reviewer fixture runs the printed line verbatim",
     "git clone <repo> && cd <repo> && python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'":
@@ -29,7 +31,6 @@ ABRIDGED = {
     "arq uniform --bits W4A4": "README's table of stages (the rule supplies --config and --out)",
     "arq artifacts pull": "a sentence: what it runs (the reviewer and published tests run it in full)",
     "snakemake --touch --forceall": "a sentence: what `arq artifacts pull` runs after verifying the files",
-    "snakemake --workflow-profile workflow/profiles/slurm": "needs a Slurm cluster (not in CI yet)",
 }
 # Long benchmarks (minutes to an hour, some need a trained checkpoint): checked by their own parser.
 BENCHMARKS = ("python benchmarks/",)

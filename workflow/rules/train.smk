@@ -36,6 +36,7 @@ else:
     rule import_base:
         input:
             checkpoint=lambda w: PRETRAINED["checkpoints"][w.sigma],
+            data=rules.prepare_data.output.data,
             manifest=rules.prepare_data.output.manifest,
         output:
             model=f"{RESULTS}/models/{IMPORTED}_sigma{{sigma}}/model.pt",
@@ -49,7 +50,7 @@ else:
             **stage_resources("prepare"),
         shell:
             "{params.arq} import-base --config {params.config} --sigma {wildcards.sigma} "
-            "--checkpoint {input.checkpoint} --manifest {input.manifest} --out {output.model} "
+            "--checkpoint {input.checkpoint} --data {input.data} --manifest {input.manifest} --out {output.model} "
             "--metrics {output.metrics}"
             + LOGGED
 
