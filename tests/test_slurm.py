@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from documented import documented_commands, environment, filled, repository_copy, run_documented
+from documented import REPO, documented_commands, environment, filled, repository_copy, run_documented
 from test_e2e import _check_ran, _tail, smoke_run  # noqa: F401  (smoke_run: the local run compared with)
 
 pytestmark = pytest.mark.slurm
@@ -29,9 +29,8 @@ VARYING = re.compile(r"seconds|per_s|device|host|hessian_sha256")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    r = run_documented("bash workflow/profiles/slurm/cluster.sh up", Path(__file__).resolve().parents[1],
-                       timeout=900)
+def cluster():
+    r = run_documented("bash workflow/profiles/slurm/cluster.sh up", REPO, timeout=900)
     assert r.returncode == 0, _tail(r)
     return r
 
@@ -49,7 +48,7 @@ def test_the_cluster_accepts_sbatch(cluster, tmp_path):
 
 
 def test_the_cluster_script_is_idempotent_and_comes_back_after_down(cluster):
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     again = run_documented("bash workflow/profiles/slurm/cluster.sh up", root, timeout=300)
     assert again.returncode == 0 and "wrote" not in again.stdout and "stopped" not in again.stdout, _tail(again)
     down = run_documented("bash workflow/profiles/slurm/cluster.sh down", root, timeout=300)
