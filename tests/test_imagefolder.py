@@ -207,19 +207,19 @@ def test_snakemakes_default_config_keys_are_dropped_under_a_complete_profile(rep
 
 
 def test_the_cost_estimate_counts_the_tree_and_scales_with_the_network(tmp_path, tree, repo_root):
-    from arq import budget
+    from arq import estimate
     from arq import config as cfg
 
     profile = cfg.split(cfg.load(repo_root / "config" / "imagenet-smoke.yaml"))[0]  # the ResNet-50 part
     profile["data"]["path"] = str(tree)
     profile["data"]["search_per_class"] = 2
-    assert budget.split_sizes(profile) == {"train": 12, "val": 6, "cert": 6}
+    assert estimate.split_sizes(profile) == {"train": 12, "val": 6, "cert": 6}
     profile["data"]["path"] = str(tmp_path / "absent")
-    assert budget.split_sizes(profile)["cert"] == 25_000  # ImageNet's 50,000 val images, every 2nd
+    assert estimate.split_sizes(profile)["cert"] == 25_000  # ImageNet's 50,000 val images, every 2nd
     profile["data"]["image_size"] = 224
-    assert 90 < budget.work_per_image(profile) < 110  # ResNet-50 at 224 px: ~100× ResNet-20 on CIFAR-10
+    assert 90 < estimate.work_per_image(profile) < 110  # ResNet-50 at 224 px: ~100× ResNet-20 on CIFAR-10
     profile["model"]["arch"] = "mobilenet_v2"
-    assert 5 < budget.work_per_image(profile) < 10
+    assert 5 < estimate.work_per_image(profile) < 10
 
 
 def test_a_checkpoint_remembers_a_class_count_other_than_its_architectures(tmp_path):

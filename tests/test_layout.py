@@ -64,7 +64,7 @@ def test_a_budget_may_run_a_subset_of_the_seeds(smoke_config):
     cfg = copy.deepcopy(smoke_config)
     cfg["search"].update(seeds=[0, 1, 2], budgets=[1.0, 0.7], methods=["arq", "haq"], seeds_by_budget={"0.7": [0]})
     cfg["quant"]["uniform"] = ["W4A4"]
-    three, one = (0, 1, 2), (0,)
+    three = (0, 1, 2)
     expected = (["fp32"] + [f"uniform_w4a4_s{s}" for s in three] + [f"uniform_w3a3_s{s}" for s in three]
                 + ["uniform_w3a2_s0", "uniform_w2a3_s0"] + [f"hawq_b1.0_s{s}" for s in three] + ["hawq_b0.7_s0"]
                 + [f"arq_b1.0_s{s}" for s in three] + ["arq_b0.7_s0"] + [f"haq_b1.0_s{s}" for s in three]

@@ -14,7 +14,7 @@ from arq import layout
 from arq.config import sigma_tag
 from arq.io import atomic_path, write_text
 from arq.report import figures, tables
-from arq.report.results import Group, Result, groups, load
+from arq.report.results import Group, groups, load
 
 CAVEAT = ("CIFAR-10 test subset; ResNet-20; fewer samples per image and shorter training than the paper's protocol "
           "unless the profile is 'paper'")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from arq import artifacts, budget, layout
+from arq import artifacts, estimate, layout
 from arq.config import ConfigError, config_hash, search_settings, validate
 from arq.data import DataError, source_inputs, verify_source
 from arq.io import write_text
@@ -159,7 +159,7 @@ def announce_cost():
         cores = workflow.cores
     except WorkflowError:  # no --cores: `snakemake --report`, or a dry run without it (priced at one thread)
         cores = None
-    print(f"[arq] {budget.describe(config, device, cores or 1)}", file=sys.stderr)
+    print(f"[arq] {estimate.describe(config, device, cores or 1)}", file=sys.stderr)
 
 
 announce_cost()
